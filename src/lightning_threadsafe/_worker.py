@@ -1,0 +1,200 @@
+"""Worker threads of the thread executor: take a sample task, load it, finish the batch.
+
+The worker that completes the last sample of a batch collates it (and pins and
+stages it when asked) and puts it in the ready buffer, so the consumer thread
+never collates.
+
+Ownership: workers hold the :class:`ThreadPool` (shared state) and never the
+loader's iterator, so an abandoned iterator is garbage-collected, its
+finalizer closes the pool, and every worker exits at its next poll.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from lightning_threadsafe.errors import SampleLoadError
+from lightning_threadsafe.ready_buffer import ReadyBuffer
+from lightning_threadsafe.scheduler import CLOSED, PriorityWorkQueue
+from lightning_threadsafe.telemetry import LoaderTelemetry, WorkerStats
+
+__all__ = ["BatchState", "ThreadPool"]
+
+POLL_S = 0.1  # every blocking wait re-checks the stop signal at least this often
+
+
+class BatchState:
+    """A batch being loaded: one slot per index, filled by any worker.
+
+    Guarantees: ``remaining`` counts the empty slots; exactly one worker sees it
+    reach 0 (under ``lock``) and finishes the batch; once ``error`` is set the
+    batch is put in the ready buffer exactly once and its other tasks are dropped.
+    """
+
+    __slots__ = ("done", "error", "indices", "lock", "nbytes", "ordinal", "payload",
+                 "remaining", "results")
+
+    def __init__(self, ordinal: int, indices: list[Any]) -> None:
+        self.ordinal = ordinal
+        self.indices = indices
+        self.results: list[Any] = [None] * len(indices)
+        self.remaining = len(indices)
+        # Guards results/remaining/error/done between the workers loading this batch.
+        self.lock = threading.Lock()
+        self.error: BaseException | None = None
+        self.done = False  # set once the batch went to the ready buffer
+        self.payload: Any = None
+        self.nbytes = 0
+
+
+def _noop_context() -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+class ThreadPool:
+    """The worker threads of one epoch and the queues they share.
+
+    Args:
+        num_workers: number of threads (>= 1).
+        fetch: ``fetch(index, batch, stats, stop_event) -> sample`` (raises SampleLoadError).
+        finish: ``finish(batch, stats)`` collates/pins/stages ``batch.payload`` in place.
+        on_progress: called after each completed sample (stall watchdog).
+        worker_init_fn: called once in each worker thread with its id.
+        worker_context: a context manager factory entered around each worker's loop
+            (deadlock-detector activation), may be a no-op.
+        on_worker_exit: called in the worker thread as it exits (closes thread-local resources).
+        name: thread name prefix (``lts-<name>-<n>``).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_workers: int,
+        fetch: Callable[[Any, BatchState, WorkerStats, threading.Event], Any],
+        finish: Callable[[BatchState, WorkerStats], None],
+        telemetry: LoaderTelemetry,
+        in_order: bool,
+        on_progress: Callable[[], None],
+        worker_init_fn: Callable[[int], None] | None = None,
+        worker_context: Callable[[], contextlib.AbstractContextManager[Any]] = _noop_context,
+        on_worker_exit: Callable[[], None] | None = None,
+        name: str = "worker",
+    ) -> None:
+        self.tasks: PriorityWorkQueue[BatchState] = PriorityWorkQueue()
+        self.ready = ReadyBuffer(in_order=in_order)
+        # Set once by close(); workers check it after every task and every poll.
+        self.stop = threading.Event()
+        self._fetch = fetch
+        self._finish = finish
+        self._on_progress = on_progress
+        self._worker_init_fn = worker_init_fn
+        self._worker_context = worker_context
+        self._on_worker_exit = on_worker_exit
+        self.telemetry = telemetry
+        # A failure outside any sample (worker_init_fn): written once by the failing
+        # worker before it wakes the consumer through the ready buffer.
+        self.fatal: BaseException | None = None
+        self.workers: list[tuple[threading.Thread, WorkerStats]] = []
+        for wid in range(num_workers):
+            stats = telemetry.register(f"lts-{name}-{wid}")
+            t = threading.Thread(
+                target=_worker_main, args=(self, wid, stats), name=stats.name, daemon=True
+            )
+            self.workers.append((t, stats))
+        for t, _ in self.workers:
+            t.start()
+
+    def submit(self, batch: BatchState) -> None:
+        self.tasks.put_batch(batch.ordinal, [batch] * len(batch.indices))
+
+    def close(self, timeout: float = 10.0) -> list[str]:
+        """Stop and join the workers (idempotent). Returns names of threads still alive.
+
+        A worker blocked inside user code (``dataset[i]``) cannot be interrupted;
+        it exits as soon as that call returns. Such threads are daemons, reported
+        here and by the stall watchdog, and never block interpreter exit.
+        """
+        self.stop.set()
+        self.tasks.close()
+        self.ready.close()
+        me = threading.current_thread()
+        alive = []
+        for t, _ in self.workers:
+            if t is me:
+                continue
+            t.join(timeout)
+            if t.is_alive():
+                alive.append(t.name)
+        self.ready.drain()
+        return alive
+
+    def iter_workers(self) -> Iterator[tuple[threading.Thread, WorkerStats]]:
+        return iter(self.workers)
+
+
+def _worker_main(pool: ThreadPool, wid: int, stats: WorkerStats) -> None:
+    try:
+        if pool._worker_init_fn is not None:
+            pool._worker_init_fn(wid)
+        with pool._worker_context():
+            _worker_loop(pool, stats)
+    except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+        # worker_init_fn (or the framework) failed: surface it through the ready
+        # buffer as a batch error so the consumer raises instead of waiting.
+        err = SampleLoadError(f"worker thread {stats.name} failed: {exc!r}")
+        err.__cause__ = exc
+        pool.fatal = err  # read by the consumer after each wake-up
+        pool.ready.put(-1, None)  # wake the consumer
+    finally:
+        stats.current_index = None
+        if pool._on_worker_exit is not None:
+            with contextlib.suppress(Exception):
+                pool._on_worker_exit()
+        pool.telemetry.retire(stats)
+
+
+def _worker_loop(pool: ThreadPool, stats: WorkerStats) -> None:
+    stop = pool.stop
+    while not stop.is_set():
+        task = pool.tasks.get(POLL_S)
+        if task is CLOSED:
+            return
+        if task is None:
+            continue
+        _, pos, batch = task
+        with batch.lock:
+            if batch.error is not None:  # batch already failed: drop its other tasks
+                continue
+        index = batch.indices[pos]
+        stats.current_index = index
+        try:
+            value = pool._fetch(index, batch, stats, stop)
+        except BaseException as exc:  # noqa: BLE001 - carried to the consumer
+            stats.current_index = None
+            pool._on_progress()
+            with batch.lock:
+                first = batch.error is None and not batch.done
+                if first:
+                    batch.error = exc
+                    batch.done = True
+            if first:
+                pool.ready.put(batch.ordinal, batch)
+            continue
+        stats.current_index = None
+        pool._on_progress()
+        with batch.lock:
+            if batch.error is not None:
+                continue
+            batch.results[pos] = value
+            batch.remaining -= 1
+            complete = batch.remaining == 0
+        if complete:
+            try:
+                pool._finish(batch, stats)
+            except BaseException as exc:  # noqa: BLE001 - carried to the consumer
+                batch.error = exc
+            batch.done = True
+            pool.ready.put(batch.ordinal, batch)

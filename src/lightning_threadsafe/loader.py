@@ -1,0 +1,1261 @@
+"""``ThreadedDataLoader``: a drop-in for ``torch.utils.data.DataLoader`` that loads with threads.
+
+Data flow for one epoch (thread executor)::
+
+    BatchPlan ──(ordinal, indices)──► admission (consumer thread; prefetch depth, MemoryGovernor)
+        ──► PriorityWorkQueue of per-sample tasks ──► worker threads: dataset[i] under sample_rng
+        ──► the worker finishing a batch collates (+ pins, + stages to CUDA) ──► ReadyBuffer
+        ──► consumer: in sampler order (in_order=True) or as completed ──► training step
+
+``num_workers=0`` loads in the calling thread (no threads at all, like torch);
+``executor="process"`` delegates to torch's own multiprocessing DataLoader with
+the same batch plan, sample seeding and error handling.
+
+Guarantees (tested):
+    - every index of the epoch's plan is delivered exactly once, or reported in
+      the error record when ``on_error="skip"`` drops it;
+    - with the same ``seed`` batches are bit-identical across thread counts,
+      executors, ``in_order`` and resumes (as sets when ``in_order=False``);
+    - no thread outlives its iterator: exhaustion, ``break``, an exception,
+      ``del``, ``cleanup_thread_safety_resources()`` or the context manager
+      stop and join every worker;
+    - no call blocks forever: waits poll a stop signal, ``stall_timeout`` turns
+      a stall into ``LoaderStallError``, ``timeout`` into ``RuntimeError``.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import os
+import threading
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch.utils.data import IterableDataset
+from torch.utils.data._utils.collate import default_collate, default_convert
+
+from lightning_threadsafe import _fetch
+from lightning_threadsafe._fetch import FetchPolicy, Skipped, load_sample
+from lightning_threadsafe._worker import POLL_S, BatchState, ThreadPool
+from lightning_threadsafe.config import (
+    ERROR_POLICIES,
+    EXECUTORS,
+    check_choice,
+    check_int,
+    check_timeout,
+    parse_size,
+)
+from lightning_threadsafe.errors import LoaderStallError, SampleLoadError
+from lightning_threadsafe.manager import ThreadSafetyManager
+from lightning_threadsafe.memory import MemoryGovernor
+from lightning_threadsafe.sampler import BatchPlan, DistributedInfo
+from lightning_threadsafe.telemetry import WorkerStats
+
+__all__ = ["ThreadedDataLoader"]
+
+T = TypeVar("T")
+
+_STATE_VERSION = 1
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS/Windows
+        return os.cpu_count() or 1
+
+
+def _draw_seed(generator: torch.Generator | None = None) -> int:
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item()) & (
+        (1 << 63) - 1
+    )
+
+
+class _EpochSampler:
+    """``loader.sampler``: the index order of the current epoch, with ``set_epoch``.
+
+    Lightning calls ``loader.sampler.set_epoch(epoch)`` at each epoch start; this
+    forwards it to the loader so its shuffles follow the trainer's epoch counter.
+    """
+
+    def __init__(self, loader: ThreadedDataLoader[Any]) -> None:
+        self._loader = weakref.ref(loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        loader = self._loader()
+        if loader is not None:
+            loader.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[Any]:
+        loader = self._loader()
+        if loader is None:
+            return iter(())
+        plan = loader._plan
+        return (i for batch in plan.batches(loader._next_epoch) for i in batch)
+
+    def __len__(self) -> int:
+        loader = self._loader()
+        if loader is None:
+            return 0
+        src = loader._plan.user_sampler if loader._plan.user_sampler is not None else loader.dataset
+        return len(src)
+
+
+class ThreadedDataLoader(Generic[T]):
+    """Loads batches concurrently with threads; same arguments and semantics as torch's DataLoader.
+
+    Arguments shared with ``torch.utils.data.DataLoader`` keep their meaning,
+    except that ``num_workers`` counts worker *threads* (0 = load in the calling
+    thread) and ``prefetch_factor`` bounds the batches in flight to
+    ``prefetch_factor * num_workers`` (the memory governor may lower it).
+    ``worker_init_fn`` is called once in each worker thread;
+    ``torch.utils.data.get_worker_info()`` is ``None`` in threads.
+    ``persistent_workers`` is accepted for compatibility: threads start in
+    microseconds, so thread pools live for one epoch; with
+    ``executor="process"`` it is passed to torch.
+
+    Keyword-only extras:
+        executor: ``"thread"`` (default), ``"process"`` (torch's multiprocessing
+            workers; for GIL-bound datasets), or ``"auto"`` (a start-up probe picks).
+        memory_budget: bytes, ``"4GiB"``, a fraction of available memory, ``"auto"``
+            (half of available memory split among local ranks) or ``None``. Prefetch
+            slows down instead of exceeding it (thread executor).
+        on_error: ``"raise"`` (default) | ``"skip"`` (drop the sample, keep the batch,
+            record the index) | ``"retry"`` (``max_retries`` with exponential backoff,
+            then raise; or skip with ``skip_after_retries=True``).
+        seed: base seed of shuffles and of ``sample_rng()``; drawn from torch's
+            global RNG when ``None`` (so ``torch.manual_seed`` makes runs repeatable).
+        device, cuda_streams: stage batches onto this CUDA device on side streams.
+        stall_timeout: seconds without a completed sample before ``LoaderStallError``.
+        debug: lock-order deadlock detection in worker threads.
+        distributed: shard by rank when ``torch.distributed`` is initialised
+            (``"auto"``), always (``True``) or never (``False``).
+
+    Example::
+
+        loader = ThreadedDataLoader(dataset, batch_size=32, shuffle=True, num_workers=16, seed=0)
+        for batch in loader:
+            ...
+        print(loader.get_thread_safety_performance_report()["rates"])
+
+    Raises:
+        ValueError / TypeError: at construction, naming the argument, its value
+            and what is allowed.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: Iterable[Any] | None = None,
+        batch_sampler: Iterable[list[Any]] | None = None,
+        num_workers: int | str = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        generator: torch.Generator | None = None,
+        *,
+        prefetch_factor: int | str | None = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+        executor: str = "thread",
+        memory_budget: int | float | str | None = "auto",
+        on_error: str = "raise",
+        max_retries: int = 2,
+        skip_after_retries: bool = False,
+        seed: int | None = None,
+        device: str | torch.device | None = None,
+        cuda_streams: int = 2,
+        stall_timeout: float | None = 300.0,
+        debug: bool = False,
+        distributed: bool | str = "auto",
+    ) -> None:
+        # ---- validation: every message names the argument, its value and what is allowed
+        if dataset is None:
+            raise TypeError("dataset=None must be a map-style dataset (with __getitem__) or an iterable")
+        iterable = isinstance(dataset, IterableDataset) or (
+            not hasattr(dataset, "__getitem__") and hasattr(dataset, "__iter__")
+        )
+        if not iterable and not hasattr(dataset, "__getitem__"):
+            raise TypeError(
+                f"dataset={type(dataset).__name__} must be a map-style dataset (with __getitem__) "
+                "or an iterable-style dataset (with __iter__)"
+            )
+        if batch_size is not None:
+            check_int("batch_size", batch_size, minimum=1, none=True)
+        check_int("num_workers", num_workers, minimum=0, auto=True)
+        if prefetch_factor is not None:
+            check_int("prefetch_factor", prefetch_factor, minimum=1, auto=True)
+        check_choice("executor", executor, EXECUTORS)
+        check_choice("on_error", on_error, ERROR_POLICIES)
+        check_int("max_retries", max_retries, minimum=0)
+        check_int("cuda_streams", cuda_streams, minimum=1)
+        check_timeout("timeout", timeout, none=False)
+        check_timeout("stall_timeout", stall_timeout, zero=False)
+        if seed is not None:
+            check_int("seed", seed, minimum=0)
+        for name, flag in (("pin_memory", pin_memory), ("drop_last", drop_last),
+                           ("in_order", in_order), ("persistent_workers", persistent_workers),
+                           ("debug", debug), ("skip_after_retries", skip_after_retries)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}={flag!r} must be True or False")
+        if shuffle is not None and not isinstance(shuffle, bool):
+            raise TypeError(f"shuffle={shuffle!r} must be True, False or None")
+        if distributed not in (True, False, "auto"):
+            raise ValueError(f"distributed={distributed!r} must be True, False or 'auto'")
+        if collate_fn is not None and not callable(collate_fn):
+            raise TypeError(f"collate_fn={collate_fn!r} must be callable or None")
+        if worker_init_fn is not None and not callable(worker_init_fn):
+            raise TypeError(f"worker_init_fn={worker_init_fn!r} must be callable or None")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator={generator!r} must be a torch.Generator or None")
+        if persistent_workers and num_workers == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0 (got num_workers=0)")
+        if iterable:
+            if shuffle:
+                raise ValueError(
+                    f"shuffle={shuffle!r} is not allowed with an iterable-style dataset; "
+                    "shuffle inside the dataset"
+                )
+            if sampler is not None:
+                raise ValueError(f"sampler={sampler!r} is not allowed with an iterable-style dataset")
+            if batch_sampler is not None:
+                raise ValueError(
+                    f"batch_sampler={batch_sampler!r} is not allowed with an iterable-style dataset"
+                )
+        if sampler is not None and shuffle:
+            raise ValueError(
+                f"shuffle={shuffle!r} must be False or None when a sampler is given "
+                "(sampler and shuffle are mutually exclusive)"
+            )
+        if batch_sampler is not None:
+            if batch_size != 1 or shuffle or sampler is not None or drop_last:
+                raise ValueError(
+                    "batch_sampler is mutually exclusive with batch_size, shuffle, sampler and "
+                    f"drop_last (got batch_size={batch_size!r}, shuffle={shuffle!r}, "
+                    f"sampler={sampler!r}, drop_last={drop_last!r})"
+                )
+            batch_size = None
+        elif batch_size is None and drop_last:
+            raise ValueError(
+                "drop_last=True needs automatic batching; batch_size=None disables it"
+            )
+        if memory_budget != "auto":
+            parse_size(memory_budget, name="memory_budget")
+        dev = None
+        if device is not None:
+            try:
+                dev = torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"device={device!r} must be a torch device such as 'cuda:0', 'cpu' or None"
+                ) from None
+
+        # ---- public attributes (torch names)
+        self.dataset = dataset
+        self.batch_size = batch_size if batch_sampler is None else None
+        self.drop_last = drop_last
+        self.num_workers = num_workers
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.pin_memory_device = pin_memory_device
+        self.timeout = float(timeout)
+        self.worker_init_fn = worker_init_fn
+        self.multiprocessing_context = multiprocessing_context
+        self.generator = generator
+        self.persistent_workers = persistent_workers
+        self.in_order = in_order
+        self.executor = executor
+        self.memory_budget = memory_budget
+        self.on_error = on_error
+        self.max_retries = max_retries
+        self.device = dev
+        self.cuda_streams = cuda_streams
+        self.stall_timeout = stall_timeout
+        self.debug = debug
+        self.distributed = distributed
+        self._iterable = iterable
+        self._auto_collation = batch_size is not None or batch_sampler is not None
+        if collate_fn is None:
+            collate_fn = default_collate if self._auto_collation else default_convert
+        self.collate_fn = collate_fn
+        self.batch_sampler = batch_sampler
+
+        self.seed = int(seed) if seed is not None else _draw_seed()
+        self._policy = FetchPolicy(
+            seed=self.seed, on_error=on_error, max_retries=max_retries,
+            skip_after_retries=skip_after_retries,
+        )
+        self._plan = BatchPlan(
+            dataset, batch_size=self.batch_size, shuffle=bool(shuffle), sampler=sampler,
+            batch_sampler=batch_sampler, drop_last=drop_last, generator=generator, seed=self.seed,
+        )
+        self._user_sampler = sampler
+        self.sampler: Any = sampler if sampler is not None else _EpochSampler(self)
+
+        self._pin = pin_memory and torch.cuda.is_available()
+        if pin_memory and not self._pin:
+            warnings.warn(
+                "pin_memory=True but no CUDA device is available: batches are not pinned",
+                stacklevel=2,
+            )
+        self._manager = ThreadSafetyManager(
+            memory_budget=memory_budget, stall_timeout=stall_timeout, debug=debug,
+        )
+        self._manager.register_resources(dataset)
+        self._stager: Any = None  # CudaStreamScheduler, created on first use
+
+        # ---- tunable settings: resolved on first iteration when "auto"
+        self._settings: dict[str, Any] = {
+            "num_workers": num_workers,
+            "prefetch_factor": prefetch_factor if prefetch_factor is not None else 2,
+            "executor": executor,
+        }
+        self._probe: dict[str, Any] | None = None
+        self._tuner: Any = None
+        self._detector: Any = None
+        self._decisions: list[dict[str, Any]] = []
+        self._window_start = None
+
+        # ---- epoch and resume bookkeeping (consumer thread)
+        self._next_epoch = 0
+        self._resume: dict[str, Any] | None = None
+        self._current: weakref.ReferenceType[_BaseIterator] | None = None
+        self._last_state: dict[str, Any] | None = None
+        self._torch_loader: Any = None
+
+    # ------------------------------------------------------------------ basics
+
+    def __len__(self) -> int:
+        if self._iterable:
+            length = len(self.dataset)  # type: ignore[arg-type]
+            if self.batch_size is None:
+                return length
+            return length // self.batch_size if self.drop_last else math.ceil(length / self.batch_size)
+        self._plan.distributed = self._distributed_info()
+        return len(self._plan)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch of the next iteration (Lightning calls this through ``loader.sampler``)."""
+        check_int("epoch", epoch, minimum=0)
+        if self._resume is not None:
+            return  # a pending resume fixes the epoch it was saved in
+        self._next_epoch = epoch
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Current (resolved or tuned) ``num_workers``, ``prefetch_factor`` and ``executor``."""
+        return dict(self._settings)
+
+    def _distributed_info(self) -> DistributedInfo:
+        if self.distributed is False:
+            return DistributedInfo()
+        return DistributedInfo.detect()
+
+    def _stager_for_use(self) -> Any:
+        if self.device is None or self.device.type != "cuda":
+            return None
+        if self._stager is None:
+            from lightning_threadsafe.cuda_stream import CudaStreamScheduler
+
+            self._stager = CudaStreamScheduler(
+                self.device, num_streams=self.cuda_streams, pin_memory=True
+            )
+        return self._stager
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[T]:
+        current = self._current() if self._current is not None else None
+        if current is not None:
+            current.close()  # like torch: a new iteration replaces the old one
+        self._resolve_auto()
+        epoch = self._next_epoch
+        resume = self._resume
+        self._resume = None
+        if resume is not None:
+            epoch = int(resume["epoch"])
+        self._next_epoch = epoch + 1
+        self._plan.distributed = self._distributed_info()
+        if resume is not None and resume.get("generator_state") is not None:
+            self._plan.set_generator_state(resume["generator_state"])
+        generator_state = self._plan.generator_state()
+        if self.generator is not None:
+            _draw_seed(self.generator)  # torch draws a base seed from the generator per iterator
+        skip = set(resume["delivered"]) if resume is not None else set()
+        source = self._source(epoch, skip)
+        executor = self._settings["executor"]
+        it: _BaseIterator
+        if self._iterable:
+            it = _IterableIterator(self, epoch, resume)
+        elif executor == "process" and int(self._settings["num_workers"]) > 0:
+            it = _ProcessIterator(self, epoch, source, sorted(skip), generator_state)
+        else:
+            it = _ThreadIterator(self, epoch, source, sorted(skip), generator_state)
+        self._current = weakref.ref(it)
+        return it
+
+    def _source(self, epoch: int, skip: set[int]) -> Iterator[tuple[int, list[Any]]]:
+        for ordinal, indices in enumerate(self._plan.batches(epoch)):
+            if ordinal not in skip:
+                yield ordinal, indices
+
+    def _resolve_auto(self) -> None:
+        s = self._settings
+        if "auto" not in (s["num_workers"], s["prefetch_factor"], s["executor"]):
+            return
+        from lightning_threadsafe.autotune import probe
+
+        n = len(self.dataset) if hasattr(self.dataset, "__len__") and not self._iterable else 0
+        indices = list(range(min(n, 8)))
+        if not indices or self._iterable:
+            result = {"executor": "thread", "num_workers": _usable_cpus(), "prefetch": 2,
+                      "evidence": {"reason": "no indices to probe"}}
+        else:
+            def load(i: int) -> Any:
+                return load_sample(self.dataset, i, epoch=0, policy=self._policy)
+
+            result = probe(load, indices, cpu_count=_usable_cpus()).to_dict()
+        self._probe = result
+        if s["executor"] == "auto":
+            s["executor"] = result["executor"]
+        if s["num_workers"] == "auto":
+            s["num_workers"] = int(result["num_workers"])
+        if s["prefetch_factor"] == "auto":
+            s["prefetch_factor"] = int(result["prefetch"])
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position in the epoch and settings, as plain data (``torch.load(weights_only=True)``-safe).
+
+        Keys: ``version``, ``epoch``, ``seed``, ``delivered`` (ordinals of the batches
+        already consumed this epoch), ``batches_in_epoch``, ``generator_state``,
+        ``settings`` (the tuned knobs), ``tuner``.
+        """
+        it = self._current() if self._current is not None else None
+        if it is not None and not it.finished_cleanly:
+            state = it.position()
+        elif self._resume is not None:
+            state = {k: self._resume[k] for k in ("epoch", "delivered", "generator_state")}
+        else:
+            # Between epochs: the next iteration starts epoch _next_epoch from scratch.
+            state = {"epoch": self._next_epoch, "delivered": [],
+                     "generator_state": self._plan.generator_state()}
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            **state,
+            "settings": {k: v for k, v in self._settings.items()},
+            "tuner": self._tuner.state_dict() if self._tuner is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration yields exactly the batches not yet delivered."""
+        if not isinstance(state, dict) or "epoch" not in state or "delivered" not in state:
+            raise ValueError(
+                f"state={state!r} must be a dict produced by ThreadedDataLoader.state_dict()"
+            )
+        if state.get("version", _STATE_VERSION) > _STATE_VERSION:
+            raise ValueError(f"state version={state['version']!r} is newer than this library's")
+        if int(state["seed"]) != self.seed:
+            self.seed = int(state["seed"])
+            self._policy = FetchPolicy(
+                seed=self.seed, on_error=self._policy.on_error, max_retries=self._policy.max_retries,
+                skip_after_retries=self._policy.skip_after_retries,
+            )
+            self._plan.seed = self.seed
+        settings = state.get("settings") or {}
+        for k in ("num_workers", "prefetch_factor", "executor"):
+            if k in settings and settings[k] != "auto":
+                self._settings[k] = settings[k]
+        if state.get("tuner") is not None:
+            self._ensure_tuner()
+            self._tuner.load_state_dict(state["tuner"])
+        self._resume = {
+            "epoch": int(state["epoch"]),
+            "delivered": [int(o) for o in state["delivered"]],
+            "generator_state": state.get("generator_state"),
+        }
+        self._next_epoch = int(state["epoch"])
+
+    # ------------------------------------------------------------------ extras
+
+    def load_batches_concurrently(self, batches_of_indices: Sequence[Sequence[Any]]) -> list[T]:
+        """Load and collate arbitrary batches of indices concurrently; returned in the order given."""
+        if self._iterable:
+            raise TypeError("load_batches_concurrently needs a map-style dataset")
+        batches = [list(b) for b in batches_of_indices]
+        for b in batches:
+            if not b:
+                raise ValueError("batches_of_indices must not contain an empty batch")
+        self._resolve_auto()
+        source = iter(enumerate(batches))
+        it = _ThreadIterator(self, self._next_epoch, source, [], None, in_order=True)
+        try:
+            return list(it)
+        finally:
+            it.close()
+
+    def get_thread_safety_performance_report(self) -> dict[str, Any]:
+        """Plain-data report of the loader since creation.
+
+        Keys: ``settings`` (num_workers, prefetch_factor, executor, in_order, seed,
+        memory_budget), ``probe`` (the "auto" probe, if any), ``totals`` (cumulative
+        counters, see :class:`TelemetrySnapshot`), ``rates`` (samples_per_sec,
+        wait_fraction, fetch_ms, collate_ms, transfer_ms, wait_ms, cpu_cores_used,
+        throttled_fraction), ``memory`` (governor stats: budget_bytes,
+        bytes_in_flight, peak_bytes_in_flight, throttle_events, throttled_s,
+        rss_bytes ...), ``errors`` (raised, skipped, retries, skipped_indices,
+        records), ``resources`` (per-resource stats incl. lock contention),
+        ``stalls``, ``deadlock_reports``, ``bottleneck`` (latest verdict) and
+        ``tuning`` (decisions taken).
+        """
+        report = self._manager.report(**self._gauges())
+        report["settings"] = {
+            **self._settings, "in_order": self.in_order, "seed": self.seed,
+            "memory_budget": self.memory_budget, "prefetch_depth": self._depth(),
+        }
+        report["probe"] = self._probe
+        report["tuning"] = list(self._decisions)
+        report["bottleneck"] = self._decisions[-1].get("verdict") if self._decisions else None
+        return report
+
+    def _ensure_tuner(self) -> None:
+        if self._tuner is None:
+            from lightning_threadsafe.autotune import HillClimbTuner
+            from lightning_threadsafe.bottleneck import BottleneckDetector
+
+            self._tuner = HillClimbTuner(cpu_count=_usable_cpus())
+            self._detector = BottleneckDetector(cpu_count=_usable_cpus())
+
+    def optimize_thread_safety_settings(self, *, apply: bool = True) -> dict[str, Any]:
+        """Diagnose the last window and tune ``num_workers``/``prefetch_factor``/``executor``.
+
+        Measures the window since the previous call (or since creation), asks the
+        :class:`BottleneckDetector` for a verdict and the :class:`HillClimbTuner` for
+        a change, and applies it at a safe point: prefetch depth at once (between
+        batches), thread count and executor from the next epoch. Returns a plain
+        dict: ``verdict``, ``changed`` ({knob: [old, new]}), ``settings``,
+        ``reason``, ``throughput``.
+        """
+        self._resolve_auto()
+        self._ensure_tuner()
+        from lightning_threadsafe.autotune import Settings
+
+        snap = self._manager.snapshot(**self._gauges())
+        start = self._window_start if self._window_start is not None else self._manager._created
+        self._window_start = snap
+        window = snap.delta(start)
+        self._detector.reset()
+        self._detector.update(window)
+        verdict = self._detector.compute()
+        current = Settings(
+            num_workers=int(self._settings["num_workers"]),
+            prefetch=int(self._settings["prefetch_factor"]),
+            executor=str(self._settings["executor"]),
+        )
+        decision = self._tuner.step(window, verdict, current)
+        out = decision.to_dict()
+        out["verdict"] = verdict.to_dict()
+        out["window"] = window.to_dict()
+        if apply:
+            after = decision.after
+            self._settings.update(
+                num_workers=int(after.num_workers), prefetch_factor=int(after.prefetch),
+                executor=str(after.executor),
+            )
+            if decision.changed:
+                self._torch_loader = None  # rebuilt with the new settings next epoch
+        out["applied"] = bool(apply)
+        out["settings"] = dict(self._settings)
+        self._decisions.append(out)
+        return out
+
+    def apply_settings(self, settings: dict[str, Any]) -> None:
+        """Apply settings decided elsewhere (e.g. broadcast from rank zero)."""
+        for k in ("num_workers", "prefetch_factor", "executor"):
+            if k in settings:
+                self._settings[k] = settings[k]
+        self._torch_loader = None
+
+    def _depth(self) -> int:
+        nw = self._settings["num_workers"]
+        pf = self._settings["prefetch_factor"]
+        if nw == "auto" or pf == "auto":
+            return 0
+        depth = max(1, int(pf) * max(1, int(nw)))
+        gov = self._manager.governor
+        return gov.effective_prefetch(depth) if gov is not None else depth
+
+    def _gauges(self) -> dict[str, int]:
+        it = self._current() if self._current is not None else None
+        nw = self._settings["num_workers"]
+        return {
+            "threads": it.thread_count() if it is not None else 0,
+            "prefetch": self._depth() if nw != "auto" else 0,
+            "queue_depth": it.queue_depth() if it is not None else 0,
+        }
+
+    def cleanup_thread_safety_resources(self) -> None:
+        """Stop every worker of this loader and close its resources. Idempotent.
+
+        The loader stays usable: the next iteration starts fresh threads.
+        """
+        it = self._current() if self._current is not None else None
+        if it is not None:
+            it.close()
+        self._manager.close()
+        self._torch_loader = None
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+
+    close = cleanup_thread_safety_resources
+
+    @property
+    def thread_safety_manager(self) -> ThreadSafetyManager:
+        return self._manager
+
+    def __enter__(self) -> ThreadedDataLoader[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup_thread_safety_resources()
+
+    def __repr__(self) -> str:
+        return (
+            f"ThreadedDataLoader(dataset={type(self.dataset).__name__}, batch_size={self.batch_size}, "
+            f"num_workers={self._settings['num_workers']}, executor={self._settings['executor']!r}, "
+            f"prefetch_factor={self._settings['prefetch_factor']}, in_order={self.in_order})"
+        )
+
+
+# ====================================================================== iterators
+
+
+class _BaseIterator(Iterator[T]):
+    """Shared consumer-side bookkeeping: epoch position, timing, close."""
+
+    def __init__(self, loader: ThreadedDataLoader[T], epoch: int, resumed: list[int],
+                 generator_state: list[int] | None) -> None:
+        self._loader_ref = weakref.ref(loader)
+        self.epoch = epoch
+        self._manager = loader._manager
+        self._telemetry = loader._manager.telemetry
+        # Ordinals consumed this epoch, in delivery order (resumed prefix first).
+        self._delivered: list[int] = list(resumed)
+        self._generator_state = generator_state
+        self._finished = False
+        self.finished_cleanly = False
+        self._last_exit: float | None = None
+
+    def position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "delivered": list(self._delivered),
+                "generator_state": self._generator_state}
+
+    def thread_count(self) -> int:
+        return 0
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def _enter(self) -> float:
+        now = time.perf_counter()
+        if self._last_exit is not None:
+            self._telemetry.consumer_s += now - self._last_exit
+        return now
+
+    def _exit(self, entered: float) -> None:
+        now = time.perf_counter()
+        self._telemetry.wait_s += now - entered
+        self._telemetry.batches += 1
+        self._last_exit = now
+
+    def _finish(self, clean: bool) -> None:
+        self._finished = True
+        self.finished_cleanly = clean
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        self._finished = True
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __len__(self) -> int:
+        loader = self._loader_ref()
+        return len(loader) if loader is not None else 0
+
+
+def _finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: WorkerStats | None,
+                  stager: Any) -> None:
+    """Collate (+ pin, + stage) a completed batch in place; records skipped samples."""
+    values = []
+    for v in batch.results:
+        if isinstance(v, Skipped):
+            loader._manager.record_error(index=v.index, batch=batch.ordinal, error=v.error,
+                                         action="skipped", attempts=v.attempts)
+        else:
+            values.append(v)
+    batch.results = []  # drop sample references early
+    if not values:
+        batch.payload = _EMPTY
+        return
+    t0 = time.perf_counter()
+    try:
+        payload = loader.collate_fn(values) if loader._auto_collation else loader.collate_fn(values[0])
+    except Exception as exc:
+        raise SampleLoadError(
+            f"collate_fn failed for batch {batch.ordinal} (indices {batch.indices}): {exc!r}",
+            index=None, batch_indices=batch.indices, batch_ordinal=batch.ordinal,
+        ) from exc
+    if loader._pin:
+        payload = torch.utils.data._utils.pin_memory.pin_memory(payload)
+    t1 = time.perf_counter()
+    if stats is not None:
+        stats.collate_s += t1 - t0
+        stats.batches_collated += 1
+    gov = loader._manager.governor
+    if gov is not None:
+        batch.nbytes = MemoryGovernor.nbytes_of(payload)
+        gov.observe_batch(batch.nbytes)
+        gov.add(batch.nbytes)
+    if stager is not None:
+        payload = stager.stage(payload, batch.ordinal)
+        if stats is not None:
+            stats.transfer_s += float(getattr(payload, "transfer_s", 0.0))
+    batch.payload = payload
+
+
+class _Empty:
+    """Payload of a batch whose every sample was skipped: counted as delivered, not yielded."""
+
+
+_EMPTY = _Empty()
+
+
+class _ThreadIterator(_BaseIterator[T]):
+    """One epoch with worker threads (``num_workers >= 1``) or inline (``num_workers == 0``)."""
+
+    def __init__(
+        self,
+        loader: ThreadedDataLoader[T],
+        epoch: int,
+        source: Iterator[tuple[int, list[Any]]],
+        resumed: list[int],
+        generator_state: list[int] | None,
+        *,
+        in_order: bool | None = None,
+    ) -> None:
+        super().__init__(loader, epoch, resumed, generator_state)
+        self._source = source
+        self._source_done = False
+        self._in_order = loader.in_order if in_order is None else in_order
+        self._num_workers = int(loader._settings["num_workers"])
+        self._timeout = loader.timeout
+        self._stager = loader._stager_for_use()
+        # Admitted-but-not-delivered ordinals, oldest first (consumer-owned).
+        self._outstanding: collections.deque[int] = collections.deque()
+        self._batches: dict[int, BatchState] = {}
+        self._pool: ThreadPool | None = None
+        self._inline_stats: WorkerStats | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._join_timeout = 10.0  # seconds close() waits for each worker
+        manager = self._manager
+        watchdog = manager.watchdog
+        watchdog.arm()
+        if self._num_workers > 0:
+            policy = loader._policy
+            dataset = loader.dataset
+            stager = self._stager
+            loader_ref = weakref.ref(loader)
+            epoch_ = epoch
+
+            def fetch(index: Any, batch: BatchState, stats: WorkerStats,
+                      stop: threading.Event) -> Any:
+                return load_sample(dataset, index, epoch=epoch_, policy=policy, stats=stats,
+                                   stop=stop, batch_indices=batch.indices, ordinal=batch.ordinal)
+
+            def finish(batch: BatchState, stats: WorkerStats) -> None:
+                ld = loader_ref()
+                if ld is None:
+                    raise RuntimeError("the loader was garbage-collected during loading")
+                _finish_batch(ld, batch, stats, stager)
+
+            self._pool = ThreadPool(
+                num_workers=self._num_workers, fetch=fetch, finish=finish,
+                telemetry=manager.telemetry, in_order=self._in_order,
+                on_progress=watchdog.progress, worker_init_fn=loader.worker_init_fn,
+                worker_context=manager.worker_context, on_worker_exit=manager.on_worker_exit,
+                name="worker",
+            )
+            manager.attach_pool(self._pool)
+            # Last-resort cleanup when the iterator is abandoned (break, del, GC).
+            self._finalizer = weakref.finalize(self, self._pool.close)
+        else:
+            self._inline_stats = manager.telemetry.register("lts-inline")
+
+    # -- gauges -----------------------------------------------------------------
+
+    def thread_count(self) -> int:
+        return len(self._pool.workers) if self._pool is not None and not self._finished else 0
+
+    def queue_depth(self) -> int:
+        return len(self._pool.ready) if self._pool is not None else 0
+
+    # -- admission (consumer thread only) -----------------------------------------
+
+    def _admit(self) -> None:
+        loader = self._loader_ref()
+        if loader is None or self._pool is None:
+            return
+        depth = loader._depth()
+        gov = self._manager.governor
+        while not self._source_done and len(self._outstanding) < depth:
+            required = not self._outstanding
+            if gov is not None and not required:
+                pending = sum(1 for o in self._outstanding if not self._batches[o].done)
+                if not gov.admit(pending_batches=pending, required=False):
+                    break
+            try:
+                ordinal, indices = next(self._source)
+            except StopIteration:
+                self._source_done = True
+                break
+            batch = BatchState(ordinal, list(indices))
+            self._batches[ordinal] = batch
+            self._outstanding.append(ordinal)
+            if not batch.indices:
+                batch.payload, batch.done = _EMPTY, True
+                self._pool.ready.put(ordinal, batch)
+            else:
+                self._pool.submit(batch)
+
+    # -- next ---------------------------------------------------------------------
+
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        entered = self._enter()
+        try:
+            while True:
+                if self._pool is None:
+                    item = self._next_inline()
+                else:
+                    item = self._next_threaded(entered)
+                if item is _EMPTY:
+                    continue
+                break
+        except StopIteration:
+            self._finish(clean=True)
+            raise
+        except BaseException as exc:
+            if isinstance(exc, SampleLoadError):
+                self._manager.record_error(index=exc.index, batch=exc.batch_ordinal,
+                                           error=str(exc), action="raised", attempts=exc.attempts)
+            if isinstance(exc, LoaderStallError) or "timed out" in str(exc):
+                # A worker is stuck in user code and cannot be interrupted: do not
+                # wait for it here; it exits (daemon) when its call returns, and
+                # cleanup_thread_safety_resources() joins it then.
+                self._join_timeout = 0.5
+            self._finish(clean=False)
+            raise
+        self._exit(entered)
+        return item  # type: ignore[return-value]
+
+    def _next_inline(self) -> Any:
+        loader = self._loader_ref()
+        if loader is None:
+            raise StopIteration
+        try:
+            ordinal, indices = next(self._source)
+        except StopIteration:
+            raise StopIteration from None
+        batch = BatchState(ordinal, list(indices))
+        for pos, index in enumerate(batch.indices):
+            batch.results[pos] = load_sample(
+                loader.dataset, index, epoch=self.epoch, policy=loader._policy,
+                stats=self._inline_stats, batch_indices=batch.indices, ordinal=ordinal,
+            )
+        _finish_batch(loader, batch, self._inline_stats, self._stager)
+        return self._deliver(batch)
+
+    def _next_threaded(self, entered: float) -> Any:
+        pool = self._pool
+        assert pool is not None
+        while True:
+            self._admit()
+            if not self._outstanding and self._source_done:
+                raise StopIteration
+            got = pool.ready.take(self._wanted, POLL_S)
+            if pool.fatal is not None:
+                raise pool.fatal
+            if got is not None:
+                _, batch = got
+                return self._deliver(batch)
+            err = self._manager.watchdog.check(pool.workers, outstanding=bool(self._outstanding))
+            if err is not None:
+                raise err
+            if self._timeout > 0 and time.perf_counter() - entered > self._timeout:
+                raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
+
+    def _wanted(self) -> list[int]:
+        return list(self._outstanding) if not self._in_order else list(self._outstanding)[:1]
+
+    def _deliver(self, batch: BatchState) -> Any:
+        ordinal = batch.ordinal
+        if self._pool is not None:
+            self._outstanding.remove(ordinal)
+            del self._batches[ordinal]
+        gov = self._manager.governor
+        if gov is not None and batch.nbytes:
+            gov.release(batch.nbytes)
+        if batch.error is not None:
+            raise batch.error
+        self._delivered.append(ordinal)
+        payload = batch.payload
+        if payload is _EMPTY:
+            return _EMPTY
+        if self._stager is not None:
+            t0 = time.perf_counter()
+            payload = self._stager.handoff(payload)
+            self._telemetry.collate_s_consumer += 0.0
+            if self._inline_stats is not None:
+                self._inline_stats.transfer_s += time.perf_counter() - t0
+        return payload
+
+    def close(self) -> None:
+        """Stop and join the workers; release buffered memory. Idempotent."""
+        self._finished = True
+        if self._pool is not None:
+            if self._finalizer is not None and self._finalizer.alive:
+                self._finalizer.detach()
+                self._pool.close(timeout=self._join_timeout)
+            gov = self._manager.governor
+            if gov is not None:
+                for o in list(self._outstanding):
+                    b = self._batches.pop(o, None)
+                    if b is not None and b.nbytes and b.done:
+                        gov.release(b.nbytes)
+                self._outstanding.clear()
+        if self._inline_stats is not None:
+            self._telemetry.retire(self._inline_stats)
+            self._inline_stats = None
+
+
+class _IterableIterator(_BaseIterator[T]):
+    """Iterable-style datasets: a single producer (the calling thread), batched in order.
+
+    Samples of an iterable dataset come from one Python iterator, which cannot be
+    shared between threads safely, so they are produced serially; collate runs
+    in the same thread. Resume skips the batches already delivered by
+    re-iterating the dataset (the dataset must be deterministic for exact resume).
+    """
+
+    def __init__(self, loader: ThreadedDataLoader[T], epoch: int,
+                 resume: dict[str, Any] | None) -> None:
+        delivered = list(resume["delivered"]) if resume else []
+        super().__init__(loader, epoch, delivered, None)
+        set_epoch = getattr(loader.dataset, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        self._it = iter(loader.dataset)
+        self._ordinal = 0
+        self._stats = self._telemetry.register("lts-inline")
+        skip = len(delivered)
+        while self._ordinal < skip:
+            if self._read_batch() is None:
+                break
+            self._ordinal += 1
+
+    def _read_batch(self) -> list[Any] | None:
+        loader = self._loader_ref()
+        assert loader is not None
+        n = loader.batch_size or 1
+        out: list[Any] = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                v = next(self._it)
+            except StopIteration:
+                break
+            finally:
+                self._stats.fetch_wall_s += time.perf_counter() - t0
+            self._stats.samples += 1
+            out.append(v)
+        if not out or (loader.drop_last and len(out) < n):
+            return None
+        return out
+
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        loader = self._loader_ref()
+        if loader is None:
+            raise StopIteration
+        entered = self._enter()
+        try:
+            values = self._read_batch()
+        except BaseException as exc:
+            self._finish(clean=False)
+            raise SampleLoadError(
+                f"iterable dataset raised while producing batch {self._ordinal}: {exc!r}",
+                batch_ordinal=self._ordinal,
+            ) from exc
+        if values is None:
+            self._finish(clean=True)
+            raise StopIteration
+        t0 = time.perf_counter()
+        batch = loader.collate_fn(values) if loader._auto_collation else loader.collate_fn(values[0])
+        self._stats.collate_s += time.perf_counter() - t0
+        self._delivered.append(self._ordinal)
+        self._ordinal += 1
+        self._exit(entered)
+        return batch
+
+    def close(self) -> None:
+        self._finished = True
+        if self._stats is not None:
+            self._telemetry.retire(self._stats)
+            self._stats = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------- process executor
+
+
+class _ProcessDataset(torch.utils.data.Dataset):
+    """Runs in torch's worker processes: loads ``(epoch, ordinal, index)`` keys with our policy.
+
+    Failures come back as data (never raised), so the consumer can name the index
+    and keep the original traceback text.
+    """
+
+    def __init__(self, dataset: Any, policy: FetchPolicy) -> None:
+        self.dataset = dataset
+        self.policy = policy
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int, Any, list[Any]]) -> Any:
+        epoch, ordinal, index, batch_indices = key
+        stats = WorkerStats("process")
+        try:
+            value = load_sample(self.dataset, index, epoch=epoch, policy=self.policy, stats=stats,
+                                batch_indices=batch_indices, ordinal=ordinal)
+        except SampleLoadError as err:
+            import traceback
+
+            cause = err.__cause__
+            tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)) \
+                if cause is not None else ""
+            return _Failure(str(err), index, err.attempts, tb)
+        return _Loaded(value, stats.fetch_wall_s, stats.fetch_cpu_s, stats.retries, stats.errors)
+
+
+class _Loaded:
+    __slots__ = ("cpu", "errors", "retries", "value", "wall")
+
+    def __init__(self, value: Any, wall: float, cpu: float, retries: int, errors: int) -> None:
+        self.value, self.wall, self.cpu, self.retries, self.errors = value, wall, cpu, retries, errors
+
+
+class _Failure:
+    __slots__ = ("attempts", "index", "message", "traceback")
+
+    def __init__(self, message: str, index: Any, attempts: int, traceback: str) -> None:
+        self.message, self.index, self.attempts, self.traceback = message, index, attempts, traceback
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process (as text)."""
+
+
+class _Delivered:
+    """A batch from a process worker with its ordinal and per-sample bookkeeping."""
+
+    def __init__(self, ordinal: int, indices: list[Any], batch: Any = None,
+                 failure: _Failure | None = None, skipped: list[Skipped] | None = None,
+                 wall: float = 0.0, cpu: float = 0.0, collate: float = 0.0, samples: int = 0,
+                 retries: int = 0, errors: int = 0) -> None:
+        self.ordinal, self.indices, self.batch, self.failure = ordinal, indices, batch, failure
+        self.skipped = skipped or []
+        self.wall, self.cpu, self.collate, self.samples = wall, cpu, collate, samples
+        self.retries, self.errors = retries, errors
+
+    def pin_memory(self) -> _Delivered:  # called by torch's pin-memory thread
+        if self.batch is not None:
+            self.batch = torch.utils.data._utils.pin_memory.pin_memory(self.batch)
+        return self
+
+
+class _ProcessCollate:
+    def __init__(self, collate_fn: Callable[[list[Any]], Any], auto: bool) -> None:
+        self.collate_fn, self.auto = collate_fn, auto
+
+    def __call__(self, items: list[Any]) -> _Delivered:
+        # items: list of (key, result) produced by _ProcessDataset for one batch
+        ordinal = items[0][0][1]
+        indices = [k[2] for k, _ in items]
+        values, skipped = [], []
+        wall = cpu = 0.0
+        retries = errors = 0
+        for _, r in items:
+            if isinstance(r, _Failure):
+                return _Delivered(ordinal, indices, failure=r)
+            wall += r.wall
+            cpu += r.cpu
+            retries += r.retries
+            errors += r.errors
+            if isinstance(r.value, Skipped):
+                skipped.append(r.value)
+            else:
+                values.append(r.value)
+        t0 = time.perf_counter()
+        batch: Any = _EMPTY
+        if values:
+            try:
+                batch = self.collate_fn(values) if self.auto else self.collate_fn(values[0])
+            except Exception as exc:
+                import traceback
+
+                return _Delivered(ordinal, indices, failure=_Failure(
+                    f"collate_fn failed for batch {ordinal} (indices {indices}): {exc!r}", None, 1,
+                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+        return _Delivered(ordinal, indices, batch=batch, skipped=skipped, wall=wall, cpu=cpu,
+                          collate=time.perf_counter() - t0, samples=len(values), retries=retries,
+                          errors=errors)
+
+
+class _KeyedDataset(torch.utils.data.Dataset):
+    """Pairs each key with its result so the collate sees the ordinal and indices."""
+
+    def __init__(self, inner: _ProcessDataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, key: Any) -> Any:
+        return key, self.inner[key]
+
+
+class _ProcessIterator(_BaseIterator[T]):
+    """One epoch with torch's multiprocessing DataLoader over the same batch plan."""
+
+    def __init__(self, loader: ThreadedDataLoader[T], epoch: int,
+                 source: Iterator[tuple[int, list[Any]]], resumed: list[int],
+                 generator_state: list[int] | None) -> None:
+        super().__init__(loader, epoch, resumed, generator_state)
+        keyed = [
+            [(epoch, ordinal, index, list(indices)) for index in indices]
+            for ordinal, indices in source
+        ]
+        settings = loader._settings
+        stall = loader.stall_timeout
+        timeout = loader.timeout if loader.timeout > 0 else (stall or 0)
+        self._stall_timeout = stall if loader.timeout == 0 else None
+        self._dl = torch.utils.data.DataLoader(
+            _KeyedDataset(_ProcessDataset(loader.dataset, loader._policy)),
+            batch_sampler=keyed,
+            num_workers=int(settings["num_workers"]),
+            collate_fn=_ProcessCollate(loader.collate_fn, loader._auto_collation),
+            pin_memory=loader._pin,
+            timeout=timeout,
+            worker_init_fn=loader.worker_init_fn,
+            multiprocessing_context=loader.multiprocessing_context,
+            prefetch_factor=int(settings["prefetch_factor"]),
+            persistent_workers=False,
+            in_order=loader.in_order,
+        )
+        self._it: Any = iter(self._dl)
+        self._stats = self._telemetry.register("lts-process")
+        self._stager = loader._stager_for_use()
+        self._finalizer = weakref.finalize(self, _shutdown_torch_iter, self._it)
+
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        entered = self._enter()
+        loader = self._loader_ref()
+        while True:
+            try:
+                d = next(self._it)
+            except StopIteration:
+                self._finish(clean=True)
+                raise
+            except RuntimeError as exc:
+                self._finish(clean=False)
+                if self._stall_timeout and "timed out" in str(exc):
+                    raise LoaderStallError(
+                        f"no batch arrived from the worker processes for {self._stall_timeout}s "
+                        "(stall_timeout); process workers' stacks are not available in the "
+                        "consumer -- use executor='thread' to see them",
+                        stall_timeout=self._stall_timeout,
+                    ) from exc
+                raise
+            except BaseException:
+                self._finish(clean=False)
+                raise
+            s = self._stats
+            s.fetch_wall_s += d.wall
+            s.fetch_cpu_s += d.cpu
+            s.samples += d.samples
+            s.collate_s += d.collate
+            s.retries += d.retries
+            s.errors += d.errors
+            if d.failure is not None:
+                f = d.failure
+                self._manager.record_error(index=f.index, batch=d.ordinal, error=f.message,
+                                           action="raised", attempts=f.attempts)
+                self._finish(clean=False)
+                err = SampleLoadError(f.message, index=f.index, batch_indices=d.indices,
+                                      batch_ordinal=d.ordinal, attempts=f.attempts)
+                raise err from _RemoteTraceback(f"\n{f.traceback}")
+            for sk in d.skipped:
+                s.skipped += 1
+                self._manager.record_error(index=sk.index, batch=d.ordinal, error=sk.error,
+                                           action="skipped", attempts=sk.attempts)
+            self._delivered.append(d.ordinal)
+            if isinstance(d.batch, _Empty):
+                continue
+            batch = d.batch
+            if self._stager is not None and loader is not None:
+                t0 = time.perf_counter()
+                batch = self._stager.stage_and_handoff(batch)
+                s.transfer_s += time.perf_counter() - t0
+            self._exit(entered)
+            return batch
+
+    def thread_count(self) -> int:
+        loader = self._loader_ref()
+        return int(loader._settings["num_workers"]) if loader is not None and not self._finished else 0
+
+    def close(self) -> None:
+        self._finished = True
+        self._finalizer()
+        if self._stats is not None:
+            self._telemetry.retire(self._stats)
+            self._stats = None  # type: ignore[assignment]
+
+
+def _shutdown_torch_iter(it: Any) -> None:
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if callable(shutdown):
+        with contextlib.suppress(Exception):
+            shutdown()
+
+
+_ = _fetch  # re-exported for tests that patch the fetch path
