@@ -225,8 +225,8 @@ def _apply_ratios(result: WorkloadResult, refs: dict[str, str | None]) -> None:
     """Fill ``Row.ratios``: each row's median divided by the reference row's median."""
     for label, ref_name in refs.items():
         ref = result.row(ref_name) if ref_name else None
-        if ref is None or not ref.median:
-            continue
+        if ref is None or not ref.median or ref.name in result.ratio_refs.values():
+            continue  # unmeasured, or already a column under another label
         result.ratio_refs[label] = ref.name
         for row in result.rows:
             if row.median is not None:
@@ -555,7 +555,9 @@ def run_w7(ctx: Context) -> WorkloadResult:
         if own:
             parts.append(f"loader telemetry {100 * sorted(own)[len(own) // 2]:.1f}%")
         row.note = "; ".join(parts)
-    result.limits["step rate (1 / step time), steps/s"] = 1e3 / s.w7_step_ms
+    result.notes.append(
+        f"simulated step: {s.w7_step_ms:g} ms sleep + the conv net's CPU time; batch_size="
+        f"{s.batch_size}, {s.latency_s * 1e3:.0f} ms latency per sample")
     result.notes.append(
         "wait = gap from on_train_batch_end to the next on_train_batch_start (Lightning fetches "
         "the next batch there); wait_fraction = sum(wait) / (sum(wait) + sum(step)) after "

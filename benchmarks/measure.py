@@ -41,8 +41,9 @@ import torch
 from benchmarks.contenders import Contender, LoaderHandle, LoaderSpec
 
 __all__ = [
-    "MemorySampler",
     "Measurement",
+    "MemorySampler",
+    "RoundsOutcome",
     "batch_len",
     "interleaved_rounds",
     "measure_first_batch",

@@ -31,14 +31,18 @@ class Pipeline:
     batch: int = 16
     step: float = 0.005  # consumer time per batch
     gil: bool = False
+    per_worker: bool = True  # prefetch counts batches per worker (the loader's depth P * W)
+
+    def in_flight(self, s: Settings) -> int:
+        # Samples being loaded at once: bounded by the workers and by the look-ahead.
+        if s.executor == "process" or self.per_worker:
+            return s.num_workers
+        return min(s.num_workers, s.prefetch * self.batch)
 
     def capacity(self, s: Settings) -> float:
-        in_flight = min(s.num_workers, s.prefetch * self.batch)
-        if s.executor == "process":
-            in_flight = min(s.num_workers, self.cores * 4)
-        lat = in_flight / (self.latency + self.cpu)
+        lat = self.in_flight(s) / (self.latency + self.cpu)
         if self.gil and s.executor == "thread":
-            cpu = (1.0 - 0.02 * (s.num_workers - 1)) / self.cpu
+            cpu = max(0.5, 1.0 - 0.02 * (s.num_workers - 1)) / self.cpu
         else:
             cpu = self.cores / self.cpu
         return min(lat, cpu)
@@ -48,7 +52,7 @@ class Pipeline:
         rate = min(pipe, self.batch / self.step)
         samples = rate * duration
         batches = samples / self.batch
-        in_flight = min(s.num_workers, s.prefetch * self.batch)
+        in_flight = self.in_flight(s)
         if rate >= pipe:  # pipeline-bound: every slot busy (Little's law)
             wall = max(self.latency + self.cpu, in_flight / rate)
         else:
@@ -97,10 +101,11 @@ def io_window(threads: int, *, tp: float = 100.0, wait: float = 0.5, batch: int 
 
 
 # --------------------------------------------------------------- convergence
-def test_w2_like_pipeline_converges_from_one_thread_and_holds():
-    p = Pipeline()
+@pytest.mark.parametrize("per_worker", [True, False])
+def test_w2_like_pipeline_converges_from_one_thread_and_holds(per_worker):
+    p = Pipeline(per_worker=per_worker)
     target = best_static(p)
-    tuner = HillClimbTuner(cpu_count=p.cores)
+    tuner = HillClimbTuner(cpu_count=p.cores, prefetch_per_worker=per_worker)
     decisions = run(p, tuner, Settings(1, 1, "thread"), 25)
     reached = next(i for i, d in enumerate(decisions)
                    if p.window(d.after).samples_per_sec >= 0.9 * target)
@@ -118,10 +123,12 @@ def test_w2_like_pipeline_converges_from_one_thread_and_holds():
     (0.050, 0.001, 8, 0.002),   # long latency, cheap samples: many threads
     (0.002, 0.010, 4, 0.001),   # CPU-heavy, GIL-free
 ])
-def test_converges_to_90_percent_of_best_static(latency, cpu, cores, step):
-    p = Pipeline(latency=latency, cpu=cpu, cores=cores, step=step)
+@pytest.mark.parametrize("per_worker", [True, False])
+def test_converges_to_90_percent_of_best_static(latency, cpu, cores, step, per_worker):
+    p = Pipeline(latency=latency, cpu=cpu, cores=cores, step=step, per_worker=per_worker)
     target = best_static(p, max_workers=min(64, 8 * cores))
-    decisions = run(p, HillClimbTuner(cpu_count=cores), Settings(1, 1, "thread"), 30)
+    tuner = HillClimbTuner(cpu_count=cores, prefetch_per_worker=per_worker)
+    decisions = run(p, tuner, Settings(1, 1, "thread"), 30)
     final = decisions[-1].after
     assert p.window(final).samples_per_sec >= 0.9 * target
     assert all(not d.changed for d in decisions[-20:])
@@ -175,16 +182,21 @@ def test_none_holds():
 
 
 def test_io_raises_threads_at_least_geometrically_and_prefetch_follows():
-    tuner = HillClimbTuner(cpu_count=2)
     # Little waiting: the model asks for less than a doubling -> double.
-    d = tuner.step(io_window(4, wait=0.06, batch=2), verdict(Bottleneck.IO), Settings(4, 1))
+    w = io_window(4, wait=0.06, batch=2)
+    # Total look-ahead: enough batches for every thread to hold a sample.
+    d = HillClimbTuner(cpu_count=2, prefetch_per_worker=False).step(
+        w, verdict(Bottleneck.IO), Settings(4, 1))
     assert d.action == "workers+" and d.after.num_workers == 8
     assert d.after.prefetch == 4  # ceil(8 threads / batch of 2)
     assert d.changed == {"num_workers": (4, 8), "prefetch": (1, 4)}
+    # Per-worker prefetch (torch's prefetch_factor): look-ahead grows with W already.
+    d = HillClimbTuner(cpu_count=2).step(w, verdict(Bottleneck.IO), Settings(4, 1))
+    assert d.after == Settings(8, 2)
 
 
 def test_io_jumps_to_the_modelled_need():
-    tuner = HillClimbTuner(cpu_count=2)
+    tuner = HillClimbTuner(cpu_count=2, max_workers=64)
     # 1 thread, 95% waiting, samples 10% CPU: 20 threads would stop the wait, and
     # 2 cores / 0.1 = 20 threads keep every core busy.
     d = tuner.step(io_window(1, wait=0.95), verdict(Bottleneck.IO), Settings(1, 1))
@@ -277,7 +289,7 @@ def test_transfer_doubles_prefetch():
 
 # ------------------------------------------------------- revert / hysteresis
 def test_revert_when_no_improvement_and_no_retry_under_same_verdict():
-    tuner = HillClimbTuner(cpu_count=16, margin=0.05)
+    tuner = HillClimbTuner(cpu_count=8, margin=0.05)
     s4 = Settings(4, 2)
     d = tuner.step(io_window(4, tp=100.0, wait=0.06), verdict(Bottleneck.IO), s4)
     assert d.after.num_workers == 8
@@ -287,9 +299,13 @@ def test_revert_when_no_improvement_and_no_retry_under_same_verdict():
     for _ in range(5):  # same verdict at the best settings: hold, never retry 8
         d = tuner.step(io_window(4, tp=100.0, wait=0.06), verdict(Bottleneck.IO), d.after)
         assert d.action == "hold" and "already measured worse" in d.reason
-    # The workload changed (now CPU-bound): 8 threads get one more try.
-    d = tuner.step(io_window(4, tp=100.0), verdict(Bottleneck.CPU), d.after)
-    assert d.after.num_workers == 8
+    # The workload changed (now CPU-bound, 4 of 8 cores busy): 8 threads get one more try.
+    d = tuner.step(cpu_window(4, 4.0), verdict(Bottleneck.CPU), d.after)
+    assert d.action == "workers+" and d.after == Settings(8, 2)
+    d = tuner.step(io_window(8, tp=101.0), verdict(Bottleneck.CPU), d.after)
+    assert d.action == "revert"
+    d = tuner.step(cpu_window(4, 4.0), verdict(Bottleneck.CPU), d.after)
+    assert d.action == "hold" and "already measured worse" in d.reason
 
 
 def test_improvement_is_kept_and_the_climb_continues():
@@ -307,9 +323,33 @@ def test_waits_for_a_change_to_take_effect():
     assert d.after.executor == "process"
     # The loader switches executors at the epoch boundary: still threads for a window.
     d = tuner.step(io_window(2), verdict(Bottleneck.GIL), s)
-    assert d.action == "hold" and "waiting" in d.reason
+    assert d.action == "wait" and "waiting" in d.reason
+    assert d.after == Settings(4, 2, "process")  # repeated, so applying it verbatim is safe
     d = tuner.step(io_window(4, tp=300.0), verdict(Bottleneck.CPU), Settings(4, 2, "process"))
     assert tuner.best == Settings(4, 2, "process")
+
+
+def test_stops_waiting_for_a_change_that_never_comes():
+    tuner = HillClimbTuner(cpu_count=4)
+    s = Settings(2, 1)
+    tuner.step(io_window(2), verdict(Bottleneck.GIL), s)
+    actions = [tuner.step(io_window(2), verdict(Bottleneck.NONE), s).action for _ in range(3)]
+    assert actions == ["wait", "wait", "hold"]
+
+
+def test_settings_changed_outside_the_tuner_become_the_baseline():
+    tuner = HillClimbTuner(cpu_count=4)
+    tuner.step(io_window(2, wait=0.06), verdict(Bottleneck.IO), Settings(2, 2))
+    d = tuner.step(io_window(6, tp=50.0), verdict(Bottleneck.NONE), Settings(6, 3))
+    assert d.action == "hold" and tuner.best == Settings(6, 3)
+
+
+def test_callers_settings_object_is_not_kept():
+    tuner = HillClimbTuner(cpu_count=2)
+    s = Settings(2, 2)
+    d = tuner.step(io_window(2, wait=0.06), verdict(Bottleneck.IO), s)
+    s.num_workers = 99
+    assert d.before == Settings(2, 2) and tuner.best == Settings(2, 2)
 
 
 def test_out_of_bounds_settings_are_clamped_first():
@@ -358,7 +398,7 @@ def test_decision_to_dict_is_plain_json():
                                          Settings(1, 1))
     out = d.to_dict()
     assert json.loads(json.dumps(out)) == out
-    assert out["changed"]["num_workers"] == [1, 20] and out["verdict_code"] == 2
+    assert out["changed"]["num_workers"] == [1, 16] and out["verdict_code"] == 2
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -456,10 +496,14 @@ def test_probe_gil_bound_picks_processes():
 
 def test_probe_cpu_bound_that_scales_picks_threads():
     c = FakeClocks()
-    r = run_probe(fake_load(c, wall=0.010, cpu=0.010, speedup=1.9), c, cpu_count=4,
-                  batch_size=2)
+    load = fake_load(c, wall=0.010, cpu=0.010, speedup=1.9)
+    r = run_probe(load, c, cpu_count=4, batch_size=2)
     assert r.executor == "thread" and r.num_workers == 4
-    assert r.prefetch == 4  # ceil(2 * 4 threads / batch of 2)
+    assert r.prefetch == 2  # per worker
+    c2 = FakeClocks()
+    r2 = run_probe(fake_load(c2, wall=0.010, cpu=0.010, speedup=1.9), c2, cpu_count=4,
+                   batch_size=2, prefetch_per_worker=False)
+    assert r2.prefetch == 4  # total: ceil(2 * 4 threads / batch of 2)
 
 
 def test_probe_speedup_boundary():
@@ -487,7 +531,8 @@ def test_probe_ignores_the_warm_up_sample():
 
 def test_probe_prefetch_is_capped():
     c = FakeClocks()
-    r = run_probe(fake_load(c, wall=0.020, cpu=0.0), c, cpu_count=8, batch_size=1)
+    r = run_probe(fake_load(c, wall=0.020, cpu=0.0), c, cpu_count=8, batch_size=1,
+                  prefetch_per_worker=False)
     assert r.num_workers == 64 and r.prefetch == 32
 
 

@@ -6,9 +6,12 @@ Import names (see the README for the full contract)::
     from lightning_threadsafe.callbacks import LoaderMonitor, AutoTuner
 """
 
+from lightning_threadsafe.autotune import HillClimbTuner, probe
+from lightning_threadsafe.bottleneck import Bottleneck, BottleneckDetector, Verdict
 from lightning_threadsafe.checker import ThreadSafetyReport, check_thread_safety
 from lightning_threadsafe.config import LoaderConfig
 from lightning_threadsafe.cuda_stream import CudaStreamScheduler
+from lightning_threadsafe.datamodule import ThreadedDataModule
 from lightning_threadsafe.deadlock import DeadlockDetector
 from lightning_threadsafe.errors import LoaderStallError, PotentialDeadlockError, SampleLoadError
 from lightning_threadsafe.loader import ThreadedDataLoader
@@ -20,8 +23,11 @@ from lightning_threadsafe.rng import sample_rng, sample_torch_generator
 __version__ = "0.1.0"
 
 __all__ = [
+    "Bottleneck",
+    "BottleneckDetector",
     "CudaStreamScheduler",
     "DeadlockDetector",
+    "HillClimbTuner",
     "LoaderConfig",
     "LoaderStallError",
     "MemoryGovernor",
@@ -32,7 +38,10 @@ __all__ = [
     "ThreadSafetyManager",
     "ThreadSafetyReport",
     "ThreadedDataLoader",
+    "ThreadedDataModule",
+    "Verdict",
     "check_thread_safety",
+    "probe",
     "sample_rng",
     "sample_torch_generator",
 ]

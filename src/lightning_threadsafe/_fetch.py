@@ -79,7 +79,7 @@ def load_sample(
         _rng._local.ctx = _rng.SampleContext(policy.seed, epoch, _rng._index_key(index))
         try:
             value = dataset[index]
-        except BaseException as exc:  # noqa: BLE001 - classified below, never swallowed
+        except BaseException as exc:
             failure: BaseException | None = exc
         else:
             failure = None

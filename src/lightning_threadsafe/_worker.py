@@ -141,7 +141,7 @@ def _worker_main(pool: ThreadPool, wid: int, stats: WorkerStats) -> None:
             pool._worker_init_fn(wid)
         with pool._worker_context():
             _worker_loop(pool, stats)
-    except BaseException as exc:  # noqa: BLE001 - handed to the consumer below
+    except BaseException as exc:
         # worker_init_fn (or the framework) failed: surface it through the ready
         # buffer as a batch error so the consumer raises instead of waiting.
         err = SampleLoadError(f"worker thread {stats.name} failed: {exc!r}")
@@ -172,7 +172,7 @@ def _worker_loop(pool: ThreadPool, stats: WorkerStats) -> None:
         stats.current_index = index
         try:
             value = pool._fetch(index, batch, stats, stop)
-        except BaseException as exc:  # noqa: BLE001 - carried to the consumer
+        except BaseException as exc:
             stats.current_index = None
             pool._on_progress()
             with batch.lock:
@@ -194,7 +194,7 @@ def _worker_loop(pool: ThreadPool, stats: WorkerStats) -> None:
         if complete:
             try:
                 pool._finish(batch, stats)
-            except BaseException as exc:  # noqa: BLE001 - carried to the consumer
+            except BaseException as exc:
                 batch.error = exc
             batch.done = True
             pool.ready.put(batch.ordinal, batch)

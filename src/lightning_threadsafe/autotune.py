@@ -36,9 +36,13 @@ throughput instead of a queueing model):
    TRANSFER  ``P -> 2P`` (deeper staging look-ahead)
    ========  ==========================================================================
 
-   Prefetch follows threads: whenever W grows in thread mode,
-   ``P = max(P, 2, ceil(W / batch_size))`` (batch size = samples / batches of the
-   window), so there are at least as many samples in flight as threads. A
+   Prefetch follows threads. By default ``prefetch`` is per worker, like torch's
+   ``prefetch_factor`` (the loader holds ``P * W`` batches in flight), so look-ahead
+   already grows with W and a growing W only lifts P to at least 2. With
+   ``prefetch_per_worker=False`` (P is the total look-ahead in batches), a growing W
+   in thread mode lifts ``P = max(P, 2, ceil(W / batch_size))`` (batch size =
+   samples / batches of the window), so there are at least as many samples in
+   flight as threads. A
    move whose target was already measured worse under the same verdict is not
    tried again: the tuner holds.
 
@@ -96,7 +100,8 @@ class Settings:
 
     Attributes:
         num_workers: threads (thread executor) or worker processes.
-        prefetch: look-ahead in batches.
+        prefetch: look-ahead in batches, per worker (torch's ``prefetch_factor``) or in
+            total, as the tuner's ``prefetch_per_worker`` says.
         executor: ``"thread"`` or ``"process"``.
 
     Raises:
@@ -133,7 +138,8 @@ class Decision:
         changed: ``{field: (old, new)}`` for the fields that differ.
         reason: one line explaining the decision with the measured numbers.
         action: ``"hold"``, ``"workers+"``, ``"prefetch+"``, ``"prefetch-"``,
-            ``"executor"``, ``"revert"`` or ``"clamp"``.
+            ``"executor"``, ``"revert"``, ``"clamp"``, or ``"wait"`` (the previous
+            change has not taken effect yet; ``after`` repeats it).
         verdict_code, verdict_name: the verdict the decision followed.
         throughput: samples/s measured over the window.
     """
@@ -192,8 +198,9 @@ class _Move:
 class HillClimbTuner:
     """Measured hill-climbing over ``num_workers``, ``prefetch`` and the executor.
 
-    Plain class, no threads: one caller (the auto-tune callback, on rank 0; the
-    decision is broadcast). Algorithm and termination argument: module docstring.
+    Plain class, no threads and no locks: one caller at a time (the auto-tune
+    callback, on rank 0; the decision is broadcast). Apply ``Decision.after``
+    verbatim after each ``step``. Algorithm and termination argument: module docstring.
 
     Args:
         min_workers, max_workers: bounds on ``num_workers`` (``max_workers``
@@ -201,6 +208,8 @@ class HillClimbTuner:
         min_prefetch, max_prefetch: bounds on ``prefetch``.
         cpu_count: usable cores (default: this process's affinity mask).
         margin: a change is kept only if it raises throughput by more than this share.
+        prefetch_per_worker: ``prefetch`` counts batches per worker (torch's
+            ``prefetch_factor``; the default) rather than the total look-ahead.
 
     Raises:
         ValueError: for a bound out of range, naming it.
@@ -221,6 +230,7 @@ class HillClimbTuner:
         max_prefetch: int = 32,
         cpu_count: int | None = None,
         margin: float = 0.05,
+        prefetch_per_worker: bool = True,
     ) -> None:
         if cpu_count is None:
             cpu_count = usable_cpu_count()
@@ -239,7 +249,10 @@ class HillClimbTuner:
         self.min_prefetch = min_prefetch
         self.max_prefetch = max_prefetch
         self.cpu_count = cpu_count
+        if not isinstance(prefetch_per_worker, bool):
+            raise TypeError(f"prefetch_per_worker={prefetch_per_worker!r} must be True or False")
         self.margin = float(margin)
+        self.prefetch_per_worker = prefetch_per_worker
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -291,7 +304,9 @@ class HillClimbTuner:
                 failed = (f"{tp:.1f} samples/s did not beat {self._best_tp:.1f} by "
                           f"{self.margin:.0%}")
                 best = self._best if self._best is not None else pending.before
-                alt = self._move_from(best, code, window)
+                # A new verdict in the failed window names another knob: take its move
+                # from the best settings now instead of spending a window going back.
+                alt = self._move_from(best, code, window) if code != pending.code else None
                 if (alt is not None and alt.after.key() != key
                         and code not in self._worse.get(alt.after.key(), ())):
                     alt.reason = f"{failed}; {alt.reason}"
@@ -300,10 +315,15 @@ class HillClimbTuner:
                                     f"{failed}; back to the best settings", kind="revert"))
         elif pending is not None and key == pending.before.key() and \
                 pending.waited < _MAX_WAIT_WINDOWS:
+            # Not applied yet (an executor switch waits for the epoch boundary): repeat
+            # the change so that a caller applying `after` verbatim does not undo it.
             pending.waited += 1
             if self._best is not None and key == self._best.key():
                 self._best_tp = tp
-            return decide(None, "waiting for the previous change to take effect")
+            return Decision(current, dataclasses.replace(pending.after),
+                            _changes(current, pending.after),
+                            "waiting for the previous change to take effect", "wait",
+                            int(verdict.code), verdict.name, tp)
         else:
             self._pending = None
             if self._best is not None and key == self._best.key():
@@ -334,10 +354,7 @@ class HillClimbTuner:
                                      int(code), move.kind)
             if move.kind == "safety" and action == "prefetch-":
                 self._prefetch_ceiling = min(self._prefetch_ceiling, after.prefetch)
-        changed = {f: (getattr(current, f), getattr(after, f))
-                   for f in ("num_workers", "prefetch", "executor")
-                   if getattr(current, f) != getattr(after, f)}
-        return Decision(dataclasses.replace(current), after, changed, reason, action,
+        return Decision(dataclasses.replace(current), after, _changes(current, after), reason, action,
                         int(verdict.code), verdict.name, tp)
 
     # ------------------------------------------------------------------ moves
@@ -350,11 +367,11 @@ class HillClimbTuner:
         return max(self.min_prefetch, min(self.max_prefetch, self._prefetch_ceiling))
 
     def _with_workers(self, s: Settings, workers: int, window: TelemetryWindow) -> Settings:
-        """``s`` with more workers, prefetch raised so every worker has a sample in flight."""
+        """``s`` with more workers and prefetch raised so every worker has a sample in flight."""
         executor = s.executor
         workers = min(max(workers, self.min_workers), self.max_workers)
         prefetch = max(s.prefetch, 2)
-        if executor == "thread" and window.batches > 0:
+        if not self.prefetch_per_worker and executor == "thread" and window.batches > 0:
             batch_size = max(1.0, window.samples / window.batches)
             prefetch = max(prefetch, math.ceil(workers / batch_size))
         prefetch = min(max(prefetch, self.min_prefetch), self._prefetch_cap())
@@ -481,6 +498,12 @@ class HillClimbTuner:
         self._pending, self._prefetch_ceiling = pending, ceiling
 
 
+def _changes(before: Settings, after: Settings) -> dict[str, tuple[Any, Any]]:
+    return {f: (getattr(before, f), getattr(after, f))
+            for f in ("num_workers", "prefetch", "executor")
+            if getattr(before, f) != getattr(after, f)}
+
+
 def _fmt(s: Settings) -> str:
     return f"{s.num_workers} {s.executor}s, prefetch {s.prefetch}"
 
@@ -521,6 +544,7 @@ def probe(
     cpu_count: int | None = None,
     max_workers: int | None = None,
     batch_size: int | None = None,
+    prefetch_per_worker: bool = True,
     clock: Callable[[], float] = time.perf_counter,
     thread_clock: Callable[[], float] = time.thread_time,
 ) -> ProbeResult:
@@ -539,16 +563,19 @@ def probe(
        ``num_workers = ceil(cpu_count / ratio)`` — the threads that keep every core
        busy while the others wait on I/O (``cpu_count`` for CPU-bound samples) —
        capped at ``max_workers`` (default ``min(64, 8 * cpu_count)``).
-       ``prefetch = max(2, ceil(2 * num_workers / batch_size))`` in thread mode
-       (two samples in flight per thread, capped at 32) and 2 otherwise or
-       without a ``batch_size``.
+       ``prefetch`` is 2 per worker (torch's default ``prefetch_factor``); with
+       ``prefetch_per_worker=False`` and a ``batch_size`` in thread mode it is the
+       total look-ahead ``max(2, ceil(2 * num_workers / batch_size))`` (two samples
+       in flight per thread, capped at 32).
 
     Args:
         load: loads one sample (``dataset.__getitem__``); its result is dropped.
         indices: at least four dataset indices to probe with.
         cpu_count: usable cores (default: this process's affinity mask).
         max_workers: cap on the thread count.
-        batch_size: the loader's batch size, to size the prefetch.
+        batch_size: the loader's batch size, to size a total prefetch.
+        prefetch_per_worker: whether ``prefetch`` counts batches per worker (default)
+            or in total.
         clock, thread_clock: wall and per-thread CPU clocks (injectable for tests).
 
     Returns:
@@ -613,7 +640,7 @@ def probe(
     else:
         workers = max_workers
     prefetch = 2
-    if batch_size is not None:
+    if batch_size is not None and not prefetch_per_worker:
         prefetch = min(_MAX_PROBE_PREFETCH, max(2, math.ceil(2 * workers / batch_size)))
     kind = "latency-bound" if ratio < _CPU_HEAVY_RATIO else "CPU-bound, threads scale"
     evidence["reason"] = f"{kind} samples (cpu/wall {ratio:.2f}): {workers} threads"

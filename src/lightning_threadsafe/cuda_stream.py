@@ -37,19 +37,20 @@ The alternative, preallocated slots reused under events (FFCV), was rejected:
 The known cost of ``record_stream`` -- freed blocks stay reserved while the
 consumer stream lags, which grows memory without bound when the CPU runs far
 ahead -- is bounded here: look-ahead is limited by the loader's prefetch depth
-and by the memory governor's device budget (it accounts :attr:`Staged.nbytes`
-of every batch in flight), and blocks are held only until the consumer stream
-passes the step that used them.
+and by the memory governor's budget (it accounts the bytes of every batch in
+flight; :attr:`Staged.nbytes` is the device share), and blocks are held only
+until the consumer stream passes the step that used them.
 
 Host buffers
 ------------
 ``stage()`` returns once the copies are *issued*. :meth:`~CudaStreamScheduler.pin`
 returns a pinned *copy* of a pageable tensor, so the caller may overwrite its
 own pageable buffers as soon as ``pin()`` returns; a pageable tensor staged
-without pinning is read before ``stage()`` returns (CUDA copies pageable memory
-through a staging buffer). A tensor that was *already pinned* by the caller
-(a recycled pinned ring buffer) is read asynchronously: it must not be written
-until ``staged.event.synchronize()`` has returned (or ``event.query()`` is true).
+without pinning has been read when ``stage()`` returns (CUDA stages pageable
+sources through its own pinned buffer before the asynchronous copy returns).
+A tensor that was *already pinned* by the caller (a recycled pinned ring
+buffer) is read asynchronously: it must not be written until
+``staged.event.synchronize()`` has returned (or ``event.query()`` is true).
 Freeing it early is safe: torch's pinned-memory allocator keeps the block until
 the copy completes.
 
@@ -188,6 +189,9 @@ class Staged(Generic[T]):
         transfer_s: wall seconds the staging thread spent issuing the copies.
         stream_index: the side stream used (``ordinal % num_streams``), or
             ``None`` when nothing was copied.
+        copies: the device tensors this staging allocated (each distinct
+            tensor once); :meth:`CudaStreamScheduler.handoff` records them on
+            the consumer stream.
     """
 
     batch: T
@@ -195,7 +199,6 @@ class Staged(Generic[T]):
     nbytes: int = 0
     transfer_s: float = 0.0
     stream_index: int | None = None
-    # The device tensors this staging allocated; record_stream'ed at handoff.
     copies: tuple[torch.Tensor, ...] = field(default=(), repr=False)
 
 
@@ -350,6 +353,9 @@ class CudaStreamScheduler:
         Returns ``batch`` itself when disabled or ``pin_memory=False``. Pageable
         tensors are replaced by pinned copies, so the caller may reuse its own
         buffers once this returns; already pinned tensors are kept.
+
+        Raises:
+            RuntimeError: the scheduler is closed, or the CUDA device is missing.
         """
         if self._closed:
             raise RuntimeError(f"{self!r} is closed")

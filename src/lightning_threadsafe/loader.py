@@ -25,12 +25,8 @@ Guarantees (tested):
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import math
 import os
-import threading
-import time
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,9 +36,9 @@ import torch
 from torch.utils.data import IterableDataset
 from torch.utils.data._utils.collate import default_collate, default_convert
 
-from lightning_threadsafe import _fetch
-from lightning_threadsafe._fetch import FetchPolicy, Skipped, load_sample
-from lightning_threadsafe._worker import POLL_S, BatchState, ThreadPool
+from lightning_threadsafe._fetch import FetchPolicy, load_sample
+from lightning_threadsafe._iterators import BaseIterator, IterableIterator, ThreadIterator
+from lightning_threadsafe._process import ProcessIterator
 from lightning_threadsafe.config import (
     ERROR_POLICIES,
     EXECUTORS,
@@ -51,11 +47,8 @@ from lightning_threadsafe.config import (
     check_timeout,
     parse_size,
 )
-from lightning_threadsafe.errors import LoaderStallError, SampleLoadError
 from lightning_threadsafe.manager import ThreadSafetyManager
-from lightning_threadsafe.memory import MemoryGovernor
 from lightning_threadsafe.sampler import BatchPlan, DistributedInfo
-from lightning_threadsafe.telemetry import WorkerStats
 
 __all__ = ["ThreadedDataLoader"]
 
@@ -261,6 +254,10 @@ class ThreadedDataLoader(Generic[T]):
                 raise ValueError(
                     f"device={device!r} must be a torch device such as 'cuda:0', 'cpu' or None"
                 ) from None
+            if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+                # Resolve now, in the constructing thread (the rank's own device under
+                # DDP), not later in whichever worker thread first touches CUDA.
+                dev = torch.device("cuda", torch.cuda.current_device())
 
         # ---- public attributes (torch names)
         self.dataset = dataset
@@ -331,9 +328,8 @@ class ThreadedDataLoader(Generic[T]):
         # ---- epoch and resume bookkeeping (consumer thread)
         self._next_epoch = 0
         self._resume: dict[str, Any] | None = None
-        self._current: weakref.ReferenceType[_BaseIterator] | None = None
-        self._last_state: dict[str, Any] | None = None
-        self._torch_loader: Any = None
+        self._current: weakref.ReferenceType[BaseIterator] | None = None
+        self._consumed_fn: Callable[[], int | None] | None = None
 
     # ------------------------------------------------------------------ basics
 
@@ -396,13 +392,13 @@ class ThreadedDataLoader(Generic[T]):
         skip = set(resume["delivered"]) if resume is not None else set()
         source = self._source(epoch, skip)
         executor = self._settings["executor"]
-        it: _BaseIterator
+        it: BaseIterator
         if self._iterable:
-            it = _IterableIterator(self, epoch, resume)
+            it = IterableIterator(self, epoch, resume)
         elif executor == "process" and int(self._settings["num_workers"]) > 0:
-            it = _ProcessIterator(self, epoch, source, sorted(skip), generator_state)
+            it = ProcessIterator(self, epoch, source, sorted(skip), generator_state)
         else:
-            it = _ThreadIterator(self, epoch, source, sorted(skip), generator_state)
+            it = ThreadIterator(self, epoch, source, sorted(skip), generator_state)
         self._current = weakref.ref(it)
         return it
 
@@ -447,6 +443,11 @@ class ThreadedDataLoader(Generic[T]):
         it = self._current() if self._current is not None else None
         if it is not None and not it.finished_cleanly:
             state = it.position()
+            consumed = self._consumed_fn() if self._consumed_fn is not None else None
+            if consumed is not None and 0 <= consumed < len(state["delivered"]):
+                # The consumer fetched ahead (Lightning prefetches one batch): batches it
+                # has not used yet are not part of the saved position.
+                state["delivered"] = state["delivered"][:consumed]
         elif self._resume is not None:
             state = {k: self._resume[k] for k in ("epoch", "delivered", "generator_state")}
         else:
@@ -460,6 +461,19 @@ class ThreadedDataLoader(Generic[T]):
             "settings": {k: v for k, v in self._settings.items()},
             "tuner": self._tuner.state_dict() if self._tuner is not None else None,
         }
+
+    def bind_consumption(self, consumed: Callable[[], int | None] | None) -> None:
+        """Tell the loader how many delivered batches of the epoch the consumer has used.
+
+        A consumer that fetches ahead (Lightning's fit loop prefetches one batch)
+        holds batches it has not trained on; ``state_dict()`` counts only the
+        first ``consumed()`` delivered batches of the epoch, so a resume yields the
+        others again. ``ThreadedDataModule`` and ``LoaderMonitor`` bind this to the
+        fit loop's progress; ``None`` unbinds (every delivered batch counts).
+        """
+        if consumed is not None and not callable(consumed):
+            raise TypeError(f"consumed={consumed!r} must be a callable returning an int, or None")
+        self._consumed_fn = consumed
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next iteration yields exactly the batches not yet delivered."""
@@ -502,7 +516,7 @@ class ThreadedDataLoader(Generic[T]):
                 raise ValueError("batches_of_indices must not contain an empty batch")
         self._resolve_auto()
         source = iter(enumerate(batches))
-        it = _ThreadIterator(self, self._next_epoch, source, [], None, in_order=True)
+        it = ThreadIterator(self, self._next_epoch, source, [], None, in_order=True)
         try:
             return list(it)
         finally:
@@ -571,24 +585,38 @@ class ThreadedDataLoader(Generic[T]):
         out["verdict"] = verdict.to_dict()
         out["window"] = window.to_dict()
         if apply:
-            after = decision.after
-            self._settings.update(
-                num_workers=int(after.num_workers), prefetch_factor=int(after.prefetch),
-                executor=str(after.executor),
-            )
-            if decision.changed:
-                self._torch_loader = None  # rebuilt with the new settings next epoch
-        out["applied"] = bool(apply)
-        out["settings"] = dict(self._settings)
-        self._decisions.append(out)
+            self.apply_decision(out)
         return out
 
+    def apply_decision(self, decision: dict[str, Any]) -> None:
+        """Apply a decision from ``optimize_thread_safety_settings(apply=False)`` and record it.
+
+        Used to apply rank zero's decision on every rank (``AutoTuner``).
+        """
+        after = decision["after"]
+        self.apply_settings({"num_workers": int(after["num_workers"]),
+                             "prefetch_factor": int(after["prefetch"]),
+                             "executor": str(after["executor"])})
+        decision["applied"] = True
+        decision["settings"] = dict(self._settings)
+        self._decisions.append(decision)
+
     def apply_settings(self, settings: dict[str, Any]) -> None:
-        """Apply settings decided elsewhere (e.g. broadcast from rank zero)."""
+        """Set ``num_workers``/``prefetch_factor``/``executor`` (validated).
+
+        The prefetch depth changes at once (between batches); the thread count
+        and the executor from the next epoch.
+        """
+        s = dict(settings)
+        if "num_workers" in s:
+            check_int("num_workers", s["num_workers"], minimum=0, auto=True)
+        if "prefetch_factor" in s:
+            check_int("prefetch_factor", s["prefetch_factor"], minimum=1, auto=True)
+        if "executor" in s:
+            check_choice("executor", s["executor"], EXECUTORS)
         for k in ("num_workers", "prefetch_factor", "executor"):
-            if k in settings:
-                self._settings[k] = settings[k]
-        self._torch_loader = None
+            if k in s:
+                self._settings[k] = s[k]
 
     def _depth(self) -> int:
         nw = self._settings["num_workers"]
@@ -602,8 +630,10 @@ class ThreadedDataLoader(Generic[T]):
     def _gauges(self) -> dict[str, int]:
         it = self._current() if self._current is not None else None
         nw = self._settings["num_workers"]
+        # "threads" is the configured count the current/last epoch ran with, so a
+        # window measured after the epoch ended still says how it was loaded.
         return {
-            "threads": it.thread_count() if it is not None else 0,
+            "threads": int(nw) if nw != "auto" else 0,
             "prefetch": self._depth() if nw != "auto" else 0,
             "queue_depth": it.queue_depth() if it is not None else 0,
         }
@@ -617,7 +647,6 @@ class ThreadedDataLoader(Generic[T]):
         if it is not None:
             it.close()
         self._manager.close()
-        self._torch_loader = None
         if self._stager is not None:
             self._stager.close()
             self._stager = None
@@ -645,617 +674,3 @@ class ThreadedDataLoader(Generic[T]):
 # ====================================================================== iterators
 
 
-class _BaseIterator(Iterator[T]):
-    """Shared consumer-side bookkeeping: epoch position, timing, close."""
-
-    def __init__(self, loader: ThreadedDataLoader[T], epoch: int, resumed: list[int],
-                 generator_state: list[int] | None) -> None:
-        self._loader_ref = weakref.ref(loader)
-        self.epoch = epoch
-        self._manager = loader._manager
-        self._telemetry = loader._manager.telemetry
-        # Ordinals consumed this epoch, in delivery order (resumed prefix first).
-        self._delivered: list[int] = list(resumed)
-        self._generator_state = generator_state
-        self._finished = False
-        self.finished_cleanly = False
-        self._last_exit: float | None = None
-
-    def position(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "delivered": list(self._delivered),
-                "generator_state": self._generator_state}
-
-    def thread_count(self) -> int:
-        return 0
-
-    def queue_depth(self) -> int:
-        return 0
-
-    def _enter(self) -> float:
-        now = time.perf_counter()
-        if self._last_exit is not None:
-            self._telemetry.consumer_s += now - self._last_exit
-        return now
-
-    def _exit(self, entered: float) -> None:
-        now = time.perf_counter()
-        self._telemetry.wait_s += now - entered
-        self._telemetry.batches += 1
-        self._last_exit = now
-
-    def _finish(self, clean: bool) -> None:
-        self._finished = True
-        self.finished_cleanly = clean
-        self.close()
-
-    def close(self) -> None:  # pragma: no cover - overridden
-        self._finished = True
-
-    def __iter__(self) -> Iterator[T]:
-        return self
-
-    def __len__(self) -> int:
-        loader = self._loader_ref()
-        return len(loader) if loader is not None else 0
-
-
-def _finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: WorkerStats | None,
-                  stager: Any) -> None:
-    """Collate (+ pin, + stage) a completed batch in place; records skipped samples."""
-    values = []
-    for v in batch.results:
-        if isinstance(v, Skipped):
-            loader._manager.record_error(index=v.index, batch=batch.ordinal, error=v.error,
-                                         action="skipped", attempts=v.attempts)
-        else:
-            values.append(v)
-    batch.results = []  # drop sample references early
-    if not values:
-        batch.payload = _EMPTY
-        return
-    t0 = time.perf_counter()
-    try:
-        payload = loader.collate_fn(values) if loader._auto_collation else loader.collate_fn(values[0])
-    except Exception as exc:
-        raise SampleLoadError(
-            f"collate_fn failed for batch {batch.ordinal} (indices {batch.indices}): {exc!r}",
-            index=None, batch_indices=batch.indices, batch_ordinal=batch.ordinal,
-        ) from exc
-    if loader._pin:
-        payload = torch.utils.data._utils.pin_memory.pin_memory(payload)
-    t1 = time.perf_counter()
-    if stats is not None:
-        stats.collate_s += t1 - t0
-        stats.batches_collated += 1
-    gov = loader._manager.governor
-    if gov is not None:
-        batch.nbytes = MemoryGovernor.nbytes_of(payload)
-        gov.observe_batch(batch.nbytes)
-        gov.add(batch.nbytes)
-    if stager is not None:
-        payload = stager.stage(payload, batch.ordinal)
-        if stats is not None:
-            stats.transfer_s += float(getattr(payload, "transfer_s", 0.0))
-    batch.payload = payload
-
-
-class _Empty:
-    """Payload of a batch whose every sample was skipped: counted as delivered, not yielded."""
-
-
-_EMPTY = _Empty()
-
-
-class _ThreadIterator(_BaseIterator[T]):
-    """One epoch with worker threads (``num_workers >= 1``) or inline (``num_workers == 0``)."""
-
-    def __init__(
-        self,
-        loader: ThreadedDataLoader[T],
-        epoch: int,
-        source: Iterator[tuple[int, list[Any]]],
-        resumed: list[int],
-        generator_state: list[int] | None,
-        *,
-        in_order: bool | None = None,
-    ) -> None:
-        super().__init__(loader, epoch, resumed, generator_state)
-        self._source = source
-        self._source_done = False
-        self._in_order = loader.in_order if in_order is None else in_order
-        self._num_workers = int(loader._settings["num_workers"])
-        self._timeout = loader.timeout
-        self._stager = loader._stager_for_use()
-        # Admitted-but-not-delivered ordinals, oldest first (consumer-owned).
-        self._outstanding: collections.deque[int] = collections.deque()
-        self._batches: dict[int, BatchState] = {}
-        self._pool: ThreadPool | None = None
-        self._inline_stats: WorkerStats | None = None
-        self._finalizer: weakref.finalize | None = None
-        self._join_timeout = 10.0  # seconds close() waits for each worker
-        manager = self._manager
-        watchdog = manager.watchdog
-        watchdog.arm()
-        if self._num_workers > 0:
-            policy = loader._policy
-            dataset = loader.dataset
-            stager = self._stager
-            loader_ref = weakref.ref(loader)
-            epoch_ = epoch
-
-            def fetch(index: Any, batch: BatchState, stats: WorkerStats,
-                      stop: threading.Event) -> Any:
-                return load_sample(dataset, index, epoch=epoch_, policy=policy, stats=stats,
-                                   stop=stop, batch_indices=batch.indices, ordinal=batch.ordinal)
-
-            def finish(batch: BatchState, stats: WorkerStats) -> None:
-                ld = loader_ref()
-                if ld is None:
-                    raise RuntimeError("the loader was garbage-collected during loading")
-                _finish_batch(ld, batch, stats, stager)
-
-            self._pool = ThreadPool(
-                num_workers=self._num_workers, fetch=fetch, finish=finish,
-                telemetry=manager.telemetry, in_order=self._in_order,
-                on_progress=watchdog.progress, worker_init_fn=loader.worker_init_fn,
-                worker_context=manager.worker_context, on_worker_exit=manager.on_worker_exit,
-                name="worker",
-            )
-            manager.attach_pool(self._pool)
-            # Last-resort cleanup when the iterator is abandoned (break, del, GC).
-            self._finalizer = weakref.finalize(self, self._pool.close)
-        else:
-            self._inline_stats = manager.telemetry.register("lts-inline")
-
-    # -- gauges -----------------------------------------------------------------
-
-    def thread_count(self) -> int:
-        return len(self._pool.workers) if self._pool is not None and not self._finished else 0
-
-    def queue_depth(self) -> int:
-        return len(self._pool.ready) if self._pool is not None else 0
-
-    # -- admission (consumer thread only) -----------------------------------------
-
-    def _admit(self) -> None:
-        loader = self._loader_ref()
-        if loader is None or self._pool is None:
-            return
-        depth = loader._depth()
-        gov = self._manager.governor
-        while not self._source_done and len(self._outstanding) < depth:
-            required = not self._outstanding
-            if gov is not None and not required:
-                pending = sum(1 for o in self._outstanding if not self._batches[o].done)
-                if not gov.admit(pending_batches=pending, required=False):
-                    break
-            try:
-                ordinal, indices = next(self._source)
-            except StopIteration:
-                self._source_done = True
-                break
-            batch = BatchState(ordinal, list(indices))
-            self._batches[ordinal] = batch
-            self._outstanding.append(ordinal)
-            if not batch.indices:
-                batch.payload, batch.done = _EMPTY, True
-                self._pool.ready.put(ordinal, batch)
-            else:
-                self._pool.submit(batch)
-
-    # -- next ---------------------------------------------------------------------
-
-    def __next__(self) -> T:
-        if self._finished:
-            raise StopIteration
-        entered = self._enter()
-        try:
-            while True:
-                if self._pool is None:
-                    item = self._next_inline()
-                else:
-                    item = self._next_threaded(entered)
-                if item is _EMPTY:
-                    continue
-                break
-        except StopIteration:
-            self._finish(clean=True)
-            raise
-        except BaseException as exc:
-            if isinstance(exc, SampleLoadError):
-                self._manager.record_error(index=exc.index, batch=exc.batch_ordinal,
-                                           error=str(exc), action="raised", attempts=exc.attempts)
-            if isinstance(exc, LoaderStallError) or "timed out" in str(exc):
-                # A worker is stuck in user code and cannot be interrupted: do not
-                # wait for it here; it exits (daemon) when its call returns, and
-                # cleanup_thread_safety_resources() joins it then.
-                self._join_timeout = 0.5
-            self._finish(clean=False)
-            raise
-        self._exit(entered)
-        return item  # type: ignore[return-value]
-
-    def _next_inline(self) -> Any:
-        loader = self._loader_ref()
-        if loader is None:
-            raise StopIteration
-        try:
-            ordinal, indices = next(self._source)
-        except StopIteration:
-            raise StopIteration from None
-        batch = BatchState(ordinal, list(indices))
-        for pos, index in enumerate(batch.indices):
-            batch.results[pos] = load_sample(
-                loader.dataset, index, epoch=self.epoch, policy=loader._policy,
-                stats=self._inline_stats, batch_indices=batch.indices, ordinal=ordinal,
-            )
-        _finish_batch(loader, batch, self._inline_stats, self._stager)
-        return self._deliver(batch)
-
-    def _next_threaded(self, entered: float) -> Any:
-        pool = self._pool
-        assert pool is not None
-        while True:
-            self._admit()
-            if not self._outstanding and self._source_done:
-                raise StopIteration
-            got = pool.ready.take(self._wanted, POLL_S)
-            if pool.fatal is not None:
-                raise pool.fatal
-            if got is not None:
-                _, batch = got
-                return self._deliver(batch)
-            err = self._manager.watchdog.check(pool.workers, outstanding=bool(self._outstanding))
-            if err is not None:
-                raise err
-            if self._timeout > 0 and time.perf_counter() - entered > self._timeout:
-                raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
-
-    def _wanted(self) -> list[int]:
-        return list(self._outstanding) if not self._in_order else list(self._outstanding)[:1]
-
-    def _deliver(self, batch: BatchState) -> Any:
-        ordinal = batch.ordinal
-        if self._pool is not None:
-            self._outstanding.remove(ordinal)
-            del self._batches[ordinal]
-        gov = self._manager.governor
-        if gov is not None and batch.nbytes:
-            gov.release(batch.nbytes)
-        if batch.error is not None:
-            raise batch.error
-        self._delivered.append(ordinal)
-        payload = batch.payload
-        if payload is _EMPTY:
-            return _EMPTY
-        if self._stager is not None:
-            t0 = time.perf_counter()
-            payload = self._stager.handoff(payload)
-            self._telemetry.collate_s_consumer += 0.0
-            if self._inline_stats is not None:
-                self._inline_stats.transfer_s += time.perf_counter() - t0
-        return payload
-
-    def close(self) -> None:
-        """Stop and join the workers; release buffered memory. Idempotent."""
-        self._finished = True
-        if self._pool is not None:
-            if self._finalizer is not None and self._finalizer.alive:
-                self._finalizer.detach()
-                self._pool.close(timeout=self._join_timeout)
-            gov = self._manager.governor
-            if gov is not None:
-                for o in list(self._outstanding):
-                    b = self._batches.pop(o, None)
-                    if b is not None and b.nbytes and b.done:
-                        gov.release(b.nbytes)
-                self._outstanding.clear()
-        if self._inline_stats is not None:
-            self._telemetry.retire(self._inline_stats)
-            self._inline_stats = None
-
-
-class _IterableIterator(_BaseIterator[T]):
-    """Iterable-style datasets: a single producer (the calling thread), batched in order.
-
-    Samples of an iterable dataset come from one Python iterator, which cannot be
-    shared between threads safely, so they are produced serially; collate runs
-    in the same thread. Resume skips the batches already delivered by
-    re-iterating the dataset (the dataset must be deterministic for exact resume).
-    """
-
-    def __init__(self, loader: ThreadedDataLoader[T], epoch: int,
-                 resume: dict[str, Any] | None) -> None:
-        delivered = list(resume["delivered"]) if resume else []
-        super().__init__(loader, epoch, delivered, None)
-        set_epoch = getattr(loader.dataset, "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(epoch)
-        self._it = iter(loader.dataset)
-        self._ordinal = 0
-        self._stats = self._telemetry.register("lts-inline")
-        skip = len(delivered)
-        while self._ordinal < skip:
-            if self._read_batch() is None:
-                break
-            self._ordinal += 1
-
-    def _read_batch(self) -> list[Any] | None:
-        loader = self._loader_ref()
-        assert loader is not None
-        n = loader.batch_size or 1
-        out: list[Any] = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            try:
-                v = next(self._it)
-            except StopIteration:
-                break
-            finally:
-                self._stats.fetch_wall_s += time.perf_counter() - t0
-            self._stats.samples += 1
-            out.append(v)
-        if not out or (loader.drop_last and len(out) < n):
-            return None
-        return out
-
-    def __next__(self) -> T:
-        if self._finished:
-            raise StopIteration
-        loader = self._loader_ref()
-        if loader is None:
-            raise StopIteration
-        entered = self._enter()
-        try:
-            values = self._read_batch()
-        except BaseException as exc:
-            self._finish(clean=False)
-            raise SampleLoadError(
-                f"iterable dataset raised while producing batch {self._ordinal}: {exc!r}",
-                batch_ordinal=self._ordinal,
-            ) from exc
-        if values is None:
-            self._finish(clean=True)
-            raise StopIteration
-        t0 = time.perf_counter()
-        batch = loader.collate_fn(values) if loader._auto_collation else loader.collate_fn(values[0])
-        self._stats.collate_s += time.perf_counter() - t0
-        self._delivered.append(self._ordinal)
-        self._ordinal += 1
-        self._exit(entered)
-        return batch
-
-    def close(self) -> None:
-        self._finished = True
-        if self._stats is not None:
-            self._telemetry.retire(self._stats)
-            self._stats = None  # type: ignore[assignment]
-
-
-# ---------------------------------------------------------------- process executor
-
-
-class _ProcessDataset(torch.utils.data.Dataset):
-    """Runs in torch's worker processes: loads ``(epoch, ordinal, index)`` keys with our policy.
-
-    Failures come back as data (never raised), so the consumer can name the index
-    and keep the original traceback text.
-    """
-
-    def __init__(self, dataset: Any, policy: FetchPolicy) -> None:
-        self.dataset = dataset
-        self.policy = policy
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int, Any, list[Any]]) -> Any:
-        epoch, ordinal, index, batch_indices = key
-        stats = WorkerStats("process")
-        try:
-            value = load_sample(self.dataset, index, epoch=epoch, policy=self.policy, stats=stats,
-                                batch_indices=batch_indices, ordinal=ordinal)
-        except SampleLoadError as err:
-            import traceback
-
-            cause = err.__cause__
-            tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)) \
-                if cause is not None else ""
-            return _Failure(str(err), index, err.attempts, tb)
-        return _Loaded(value, stats.fetch_wall_s, stats.fetch_cpu_s, stats.retries, stats.errors)
-
-
-class _Loaded:
-    __slots__ = ("cpu", "errors", "retries", "value", "wall")
-
-    def __init__(self, value: Any, wall: float, cpu: float, retries: int, errors: int) -> None:
-        self.value, self.wall, self.cpu, self.retries, self.errors = value, wall, cpu, retries, errors
-
-
-class _Failure:
-    __slots__ = ("attempts", "index", "message", "traceback")
-
-    def __init__(self, message: str, index: Any, attempts: int, traceback: str) -> None:
-        self.message, self.index, self.attempts, self.traceback = message, index, attempts, traceback
-
-
-class _RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker process (as text)."""
-
-
-class _Delivered:
-    """A batch from a process worker with its ordinal and per-sample bookkeeping."""
-
-    def __init__(self, ordinal: int, indices: list[Any], batch: Any = None,
-                 failure: _Failure | None = None, skipped: list[Skipped] | None = None,
-                 wall: float = 0.0, cpu: float = 0.0, collate: float = 0.0, samples: int = 0,
-                 retries: int = 0, errors: int = 0) -> None:
-        self.ordinal, self.indices, self.batch, self.failure = ordinal, indices, batch, failure
-        self.skipped = skipped or []
-        self.wall, self.cpu, self.collate, self.samples = wall, cpu, collate, samples
-        self.retries, self.errors = retries, errors
-
-    def pin_memory(self) -> _Delivered:  # called by torch's pin-memory thread
-        if self.batch is not None:
-            self.batch = torch.utils.data._utils.pin_memory.pin_memory(self.batch)
-        return self
-
-
-class _ProcessCollate:
-    def __init__(self, collate_fn: Callable[[list[Any]], Any], auto: bool) -> None:
-        self.collate_fn, self.auto = collate_fn, auto
-
-    def __call__(self, items: list[Any]) -> _Delivered:
-        # items: list of (key, result) produced by _ProcessDataset for one batch
-        ordinal = items[0][0][1]
-        indices = [k[2] for k, _ in items]
-        values, skipped = [], []
-        wall = cpu = 0.0
-        retries = errors = 0
-        for _, r in items:
-            if isinstance(r, _Failure):
-                return _Delivered(ordinal, indices, failure=r)
-            wall += r.wall
-            cpu += r.cpu
-            retries += r.retries
-            errors += r.errors
-            if isinstance(r.value, Skipped):
-                skipped.append(r.value)
-            else:
-                values.append(r.value)
-        t0 = time.perf_counter()
-        batch: Any = _EMPTY
-        if values:
-            try:
-                batch = self.collate_fn(values) if self.auto else self.collate_fn(values[0])
-            except Exception as exc:
-                import traceback
-
-                return _Delivered(ordinal, indices, failure=_Failure(
-                    f"collate_fn failed for batch {ordinal} (indices {indices}): {exc!r}", None, 1,
-                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
-        return _Delivered(ordinal, indices, batch=batch, skipped=skipped, wall=wall, cpu=cpu,
-                          collate=time.perf_counter() - t0, samples=len(values), retries=retries,
-                          errors=errors)
-
-
-class _KeyedDataset(torch.utils.data.Dataset):
-    """Pairs each key with its result so the collate sees the ordinal and indices."""
-
-    def __init__(self, inner: _ProcessDataset) -> None:
-        self.inner = inner
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, key: Any) -> Any:
-        return key, self.inner[key]
-
-
-class _ProcessIterator(_BaseIterator[T]):
-    """One epoch with torch's multiprocessing DataLoader over the same batch plan."""
-
-    def __init__(self, loader: ThreadedDataLoader[T], epoch: int,
-                 source: Iterator[tuple[int, list[Any]]], resumed: list[int],
-                 generator_state: list[int] | None) -> None:
-        super().__init__(loader, epoch, resumed, generator_state)
-        keyed = [
-            [(epoch, ordinal, index, list(indices)) for index in indices]
-            for ordinal, indices in source
-        ]
-        settings = loader._settings
-        stall = loader.stall_timeout
-        timeout = loader.timeout if loader.timeout > 0 else (stall or 0)
-        self._stall_timeout = stall if loader.timeout == 0 else None
-        self._dl = torch.utils.data.DataLoader(
-            _KeyedDataset(_ProcessDataset(loader.dataset, loader._policy)),
-            batch_sampler=keyed,
-            num_workers=int(settings["num_workers"]),
-            collate_fn=_ProcessCollate(loader.collate_fn, loader._auto_collation),
-            pin_memory=loader._pin,
-            timeout=timeout,
-            worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context,
-            prefetch_factor=int(settings["prefetch_factor"]),
-            persistent_workers=False,
-            in_order=loader.in_order,
-        )
-        self._it: Any = iter(self._dl)
-        self._stats = self._telemetry.register("lts-process")
-        self._stager = loader._stager_for_use()
-        self._finalizer = weakref.finalize(self, _shutdown_torch_iter, self._it)
-
-    def __next__(self) -> T:
-        if self._finished:
-            raise StopIteration
-        entered = self._enter()
-        loader = self._loader_ref()
-        while True:
-            try:
-                d = next(self._it)
-            except StopIteration:
-                self._finish(clean=True)
-                raise
-            except RuntimeError as exc:
-                self._finish(clean=False)
-                if self._stall_timeout and "timed out" in str(exc):
-                    raise LoaderStallError(
-                        f"no batch arrived from the worker processes for {self._stall_timeout}s "
-                        "(stall_timeout); process workers' stacks are not available in the "
-                        "consumer -- use executor='thread' to see them",
-                        stall_timeout=self._stall_timeout,
-                    ) from exc
-                raise
-            except BaseException:
-                self._finish(clean=False)
-                raise
-            s = self._stats
-            s.fetch_wall_s += d.wall
-            s.fetch_cpu_s += d.cpu
-            s.samples += d.samples
-            s.collate_s += d.collate
-            s.retries += d.retries
-            s.errors += d.errors
-            if d.failure is not None:
-                f = d.failure
-                self._manager.record_error(index=f.index, batch=d.ordinal, error=f.message,
-                                           action="raised", attempts=f.attempts)
-                self._finish(clean=False)
-                err = SampleLoadError(f.message, index=f.index, batch_indices=d.indices,
-                                      batch_ordinal=d.ordinal, attempts=f.attempts)
-                raise err from _RemoteTraceback(f"\n{f.traceback}")
-            for sk in d.skipped:
-                s.skipped += 1
-                self._manager.record_error(index=sk.index, batch=d.ordinal, error=sk.error,
-                                           action="skipped", attempts=sk.attempts)
-            self._delivered.append(d.ordinal)
-            if isinstance(d.batch, _Empty):
-                continue
-            batch = d.batch
-            if self._stager is not None and loader is not None:
-                t0 = time.perf_counter()
-                batch = self._stager.stage_and_handoff(batch)
-                s.transfer_s += time.perf_counter() - t0
-            self._exit(entered)
-            return batch
-
-    def thread_count(self) -> int:
-        loader = self._loader_ref()
-        return int(loader._settings["num_workers"]) if loader is not None and not self._finished else 0
-
-    def close(self) -> None:
-        self._finished = True
-        self._finalizer()
-        if self._stats is not None:
-            self._telemetry.retire(self._stats)
-            self._stats = None  # type: ignore[assignment]
-
-
-def _shutdown_torch_iter(it: Any) -> None:
-    shutdown = getattr(it, "_shutdown_workers", None)
-    if callable(shutdown):
-        with contextlib.suppress(Exception):
-            shutdown()
-
-
-_ = _fetch  # re-exported for tests that patch the fetch path

@@ -80,7 +80,7 @@ class BatchPlan:
         drop_last: bool,
         generator: torch.Generator | None,
         seed: int,
-        distributed: DistributedInfo = DistributedInfo(),  # noqa: B008 (frozen dataclass)
+        distributed: DistributedInfo = DistributedInfo(),
     ) -> None:
         self.dataset = dataset
         self.batch_size = batch_size

@@ -53,7 +53,7 @@ class PriorityWorkQueue(Generic[T]):
                 heapq.heappush(self._heap, (ordinal, pos, p))
             self._cv.notify(len(payloads))
 
-    def get(self, timeout: float) -> tuple[int, int, T] | None | Any:
+    def get(self, timeout: float) -> tuple[int, int, T] | Any | None:
         with self._cv:
             if not self._heap and not self._closed:
                 self._cv.wait(timeout)

@@ -1,0 +1,424 @@
+"""Consumer-side iterators of one epoch: worker threads, inline loading, iterable datasets.
+
+The consumer thread (the training loop) owns everything here except what the
+worker threads touch through :class:`~lightning_threadsafe._worker.ThreadPool`
+(whose queues carry their own locks). Admission of new batches, delivery
+order, the epoch position and the governor's release happen on the consumer.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from lightning_threadsafe._fetch import Skipped, load_sample
+from lightning_threadsafe._worker import POLL_S, BatchState, ThreadPool
+from lightning_threadsafe.errors import LoaderStallError, SampleLoadError
+from lightning_threadsafe.memory import MemoryGovernor
+from lightning_threadsafe.telemetry import WorkerStats
+
+if TYPE_CHECKING:
+    from lightning_threadsafe.loader import ThreadedDataLoader
+
+__all__ = ["EMPTY", "BaseIterator", "Empty", "IterableIterator", "ThreadIterator", "finish_batch"]
+
+T = TypeVar("T")
+
+
+class BaseIterator(Iterator[T]):
+    """Shared consumer-side bookkeeping: epoch position, timing, close."""
+
+    def __init__(self, loader: ThreadedDataLoader[T], epoch: int, resumed: list[int],
+                 generator_state: list[int] | None) -> None:
+        self._loader_ref = weakref.ref(loader)
+        self.epoch = epoch
+        self._manager = loader._manager
+        self._telemetry = loader._manager.telemetry
+        # Ordinals consumed this epoch, in delivery order (resumed prefix first).
+        self._delivered: list[int] = list(resumed)
+        self._generator_state = generator_state
+        self._finished = False
+        self.finished_cleanly = False
+        self._last_exit: float | None = None
+
+    def position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "delivered": list(self._delivered),
+                "generator_state": self._generator_state}
+
+    def thread_count(self) -> int:
+        return 0
+
+    def queue_depth(self) -> int:
+        return 0
+
+    def _enter(self) -> float:
+        now = time.perf_counter()
+        if self._last_exit is not None:
+            self._telemetry.consumer_s += now - self._last_exit
+        return now
+
+    def _exit(self, entered: float) -> None:
+        now = time.perf_counter()
+        self._telemetry.wait_s += now - entered
+        self._telemetry.batches += 1
+        self._last_exit = now
+
+    def _finish(self, clean: bool) -> None:
+        self._finished = True
+        self.finished_cleanly = clean
+        self.close()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        self._finished = True
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __len__(self) -> int:
+        loader = self._loader_ref()
+        return len(loader) if loader is not None else 0
+
+
+def finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: WorkerStats | None,
+                  stager: Any) -> None:
+    """Collate (+ pin, + stage) a completed batch in place; records skipped samples."""
+    values = []
+    for v in batch.results:
+        if isinstance(v, Skipped):
+            loader._manager.record_error(index=v.index, batch=batch.ordinal, error=v.error,
+                                         action="skipped", attempts=v.attempts)
+        else:
+            values.append(v)
+    batch.results = []  # drop sample references early
+    if not values:
+        batch.payload = EMPTY
+        return
+    t0 = time.perf_counter()
+    try:
+        payload = loader.collate_fn(values) if loader._auto_collation else loader.collate_fn(values[0])
+    except Exception as exc:
+        raise SampleLoadError(
+            f"collate_fn failed for batch {batch.ordinal} (indices {batch.indices}): {exc!r}",
+            index=None, batch_indices=batch.indices, batch_ordinal=batch.ordinal,
+        ) from exc
+    if stager is not None:
+        payload = stager.pin(payload)  # pins inside the target device's context
+    elif loader._pin:
+        payload = torch.utils.data._utils.pin_memory.pin_memory(payload)
+    t1 = time.perf_counter()
+    if stats is not None:
+        stats.collate_s += t1 - t0
+        stats.batches_collated += 1
+    gov = loader._manager.governor
+    if gov is not None:
+        batch.nbytes = MemoryGovernor.nbytes_of(payload)
+        gov.observe_batch(batch.nbytes)
+        gov.add(batch.nbytes)
+    if stager is not None:
+        payload = stager.stage(payload, batch.ordinal)
+        if stats is not None:
+            stats.transfer_s += float(getattr(payload, "transfer_s", 0.0))
+    batch.payload = payload
+
+
+class Empty:
+    """Payload of a batch whose every sample was skipped: counted as delivered, not yielded."""
+
+
+EMPTY = Empty()
+
+
+class ThreadIterator(BaseIterator[T]):
+    """One epoch with worker threads (``num_workers >= 1``) or inline (``num_workers == 0``)."""
+
+    def __init__(
+        self,
+        loader: ThreadedDataLoader[T],
+        epoch: int,
+        source: Iterator[tuple[int, list[Any]]],
+        resumed: list[int],
+        generator_state: list[int] | None,
+        *,
+        in_order: bool | None = None,
+    ) -> None:
+        super().__init__(loader, epoch, resumed, generator_state)
+        self._source = source
+        self._source_done = False
+        self._in_order = loader.in_order if in_order is None else in_order
+        self._num_workers = int(loader._settings["num_workers"])
+        self._timeout = loader.timeout
+        self._stager = loader._stager_for_use()
+        # Admitted-but-not-delivered ordinals, oldest first (consumer-owned).
+        self._outstanding: collections.deque[int] = collections.deque()
+        self._batches: dict[int, BatchState] = {}
+        self._pool: ThreadPool | None = None
+        self._inline_stats: WorkerStats | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._join_timeout = 10.0  # seconds close() waits for each worker
+        manager = self._manager
+        watchdog = manager.watchdog
+        watchdog.arm()
+        if self._num_workers > 0:
+            policy = loader._policy
+            dataset = loader.dataset
+            stager = self._stager
+            loader_ref = weakref.ref(loader)
+            epoch_ = epoch
+
+            def fetch(index: Any, batch: BatchState, stats: WorkerStats,
+                      stop: threading.Event) -> Any:
+                return load_sample(dataset, index, epoch=epoch_, policy=policy, stats=stats,
+                                   stop=stop, batch_indices=batch.indices, ordinal=batch.ordinal)
+
+            def finish(batch: BatchState, stats: WorkerStats) -> None:
+                ld = loader_ref()
+                if ld is None:
+                    raise RuntimeError("the loader was garbage-collected during loading")
+                finish_batch(ld, batch, stats, stager)
+
+            self._pool = ThreadPool(
+                num_workers=self._num_workers, fetch=fetch, finish=finish,
+                telemetry=manager.telemetry, in_order=self._in_order,
+                on_progress=watchdog.progress, worker_init_fn=loader.worker_init_fn,
+                worker_context=manager.worker_context, on_worker_exit=manager.on_worker_exit,
+                name="worker",
+            )
+            manager.attach_pool(self._pool)
+            # Last-resort cleanup when the iterator is abandoned (break, del, GC).
+            self._finalizer = weakref.finalize(self, self._pool.close)
+        else:
+            self._inline_stats = manager.telemetry.register("lts-inline")
+
+    # -- gauges -----------------------------------------------------------------
+
+    def thread_count(self) -> int:
+        return len(self._pool.workers) if self._pool is not None and not self._finished else 0
+
+    def queue_depth(self) -> int:
+        return len(self._pool.ready) if self._pool is not None else 0
+
+    # -- admission (consumer thread only) -----------------------------------------
+
+    def _admit(self) -> None:
+        loader = self._loader_ref()
+        if loader is None or self._pool is None:
+            return
+        depth = loader._depth()
+        gov = self._manager.governor
+        while not self._source_done and len(self._outstanding) < depth:
+            required = not self._outstanding
+            if gov is not None and not required:
+                pending = sum(1 for o in self._outstanding if not self._batches[o].done)
+                if not gov.admit(pending_batches=pending, required=False):
+                    break
+            try:
+                ordinal, indices = next(self._source)
+            except StopIteration:
+                self._source_done = True
+                break
+            batch = BatchState(ordinal, list(indices))
+            self._batches[ordinal] = batch
+            self._outstanding.append(ordinal)
+            if not batch.indices:
+                batch.payload, batch.done = EMPTY, True
+                self._pool.ready.put(ordinal, batch)
+            else:
+                self._pool.submit(batch)
+
+    # -- next ---------------------------------------------------------------------
+
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        entered = self._enter()
+        try:
+            while True:
+                if self._pool is None:
+                    item = self._next_inline()
+                else:
+                    item = self._next_threaded(entered)
+                if item is EMPTY:
+                    continue
+                break
+        except StopIteration:
+            self._finish(clean=True)
+            raise
+        except BaseException as exc:
+            if isinstance(exc, SampleLoadError):
+                self._manager.record_error(index=exc.index, batch=exc.batch_ordinal,
+                                           error=str(exc), action="raised", attempts=exc.attempts)
+            if isinstance(exc, LoaderStallError) or "timed out" in str(exc):
+                # A worker is stuck in user code and cannot be interrupted: do not
+                # wait for it here; it exits (daemon) when its call returns, and
+                # cleanup_thread_safety_resources() joins it then.
+                self._join_timeout = 0.5
+            self._finish(clean=False)
+            raise
+        self._exit(entered)
+        return item  # type: ignore[return-value]
+
+    def _next_inline(self) -> Any:
+        loader = self._loader_ref()
+        if loader is None:
+            raise StopIteration
+        try:
+            ordinal, indices = next(self._source)
+        except StopIteration:
+            raise StopIteration from None
+        batch = BatchState(ordinal, list(indices))
+        for pos, index in enumerate(batch.indices):
+            batch.results[pos] = load_sample(
+                loader.dataset, index, epoch=self.epoch, policy=loader._policy,
+                stats=self._inline_stats, batch_indices=batch.indices, ordinal=ordinal,
+            )
+        finish_batch(loader, batch, self._inline_stats, self._stager)
+        return self._deliver(batch)
+
+    def _next_threaded(self, entered: float) -> Any:
+        pool = self._pool
+        assert pool is not None
+        while True:
+            self._admit()
+            if not self._outstanding and self._source_done:
+                raise StopIteration
+            got = pool.ready.take(self._wanted, POLL_S)
+            if pool.fatal is not None:
+                raise pool.fatal
+            if got is not None:
+                _, batch = got
+                return self._deliver(batch)
+            err = self._manager.watchdog.check(pool.workers, outstanding=bool(self._outstanding))
+            if err is not None:
+                raise err
+            if self._timeout > 0 and time.perf_counter() - entered > self._timeout:
+                raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
+
+    def _wanted(self) -> list[int]:
+        return list(self._outstanding) if not self._in_order else list(self._outstanding)[:1]
+
+    def _deliver(self, batch: BatchState) -> Any:
+        ordinal = batch.ordinal
+        if self._pool is not None:
+            self._outstanding.remove(ordinal)
+            del self._batches[ordinal]
+        gov = self._manager.governor
+        if gov is not None and batch.nbytes:
+            gov.release(batch.nbytes)
+        if batch.error is not None:
+            raise batch.error
+        self._delivered.append(ordinal)
+        payload = batch.payload
+        if payload is EMPTY:
+            return EMPTY
+        if self._stager is not None:
+            t0 = time.perf_counter()
+            payload = self._stager.handoff(payload)
+            self._telemetry.collate_s_consumer += 0.0
+            if self._inline_stats is not None:
+                self._inline_stats.transfer_s += time.perf_counter() - t0
+        return payload
+
+    def close(self) -> None:
+        """Stop and join the workers; release buffered memory. Idempotent."""
+        self._finished = True
+        if self._pool is not None:
+            if self._finalizer is not None and self._finalizer.alive:
+                self._finalizer.detach()
+                self._pool.close(timeout=self._join_timeout)
+            gov = self._manager.governor
+            if gov is not None:
+                for o in list(self._outstanding):
+                    b = self._batches.pop(o, None)
+                    if b is not None and b.nbytes and b.done:
+                        gov.release(b.nbytes)
+                self._outstanding.clear()
+        if self._inline_stats is not None:
+            self._telemetry.retire(self._inline_stats)
+            self._inline_stats = None
+
+
+class IterableIterator(BaseIterator[T]):
+    """Iterable-style datasets: a single producer (the calling thread), batched in order.
+
+    Samples of an iterable dataset come from one Python iterator, which cannot be
+    shared between threads safely, so they are produced serially; collate runs
+    in the same thread. Resume skips the batches already delivered by
+    re-iterating the dataset (the dataset must be deterministic for exact resume).
+    """
+
+    def __init__(self, loader: ThreadedDataLoader[T], epoch: int,
+                 resume: dict[str, Any] | None) -> None:
+        delivered = list(resume["delivered"]) if resume else []
+        super().__init__(loader, epoch, delivered, None)
+        set_epoch = getattr(loader.dataset, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+        self._it = iter(loader.dataset)
+        self._ordinal = 0
+        self._stats = self._telemetry.register("lts-inline")
+        skip = len(delivered)
+        while self._ordinal < skip:
+            if self._read_batch() is None:
+                break
+            self._ordinal += 1
+
+    def _read_batch(self) -> list[Any] | None:
+        loader = self._loader_ref()
+        assert loader is not None
+        n = loader.batch_size or 1
+        out: list[Any] = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            try:
+                v = next(self._it)
+            except StopIteration:
+                break
+            finally:
+                self._stats.fetch_wall_s += time.perf_counter() - t0
+            self._stats.samples += 1
+            out.append(v)
+        if not out or (loader.drop_last and len(out) < n):
+            return None
+        return out
+
+    def __next__(self) -> T:
+        if self._finished:
+            raise StopIteration
+        loader = self._loader_ref()
+        if loader is None:
+            raise StopIteration
+        entered = self._enter()
+        try:
+            values = self._read_batch()
+        except BaseException as exc:
+            self._finish(clean=False)
+            raise SampleLoadError(
+                f"iterable dataset raised while producing batch {self._ordinal}: {exc!r}",
+                batch_ordinal=self._ordinal,
+            ) from exc
+        if values is None:
+            self._finish(clean=True)
+            raise StopIteration
+        t0 = time.perf_counter()
+        batch = loader.collate_fn(values) if loader._auto_collation else loader.collate_fn(values[0])
+        self._stats.collate_s += time.perf_counter() - t0
+        self._delivered.append(self._ordinal)
+        self._ordinal += 1
+        self._exit(entered)
+        return batch
+
+    def close(self) -> None:
+        self._finished = True
+        if self._stats is not None:
+            self._telemetry.retire(self._stats)
+            self._stats = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------- process executor
+
