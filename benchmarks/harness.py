@@ -67,6 +67,8 @@ AUTO = {"num_workers": "auto", "prefetch_factor": "auto", "executor": "auto"}
 DEFAULT_STATIC = {"W1": {"num_workers": 2, "prefetch_factor": 2, "executor": "thread"},
                   "W2": {"num_workers": 16, "prefetch_factor": 2, "executor": "thread"}}
 DEFAULT_TORCHDATA_W2 = 16
+# torch's intra-op thread count at import; restored after every measurement of ours.
+_TORCH_THREADS = torch.get_num_threads()
 
 
 @dataclass
@@ -217,6 +219,10 @@ def _build_rows(contenders: Sequence[Contender], outcome: RoundsOutcome | None,
             row.limit = calib.limit(cores, row.workers)
         if c.family == "ours":
             row.note = _settings_note(row)
+        left = sorted({n for e in row.extras for n in e.get("threads_left_after_close", ())})
+        if left:
+            row.message = (row.message + "; " if row.message else "") + \
+                f"threads alive after close: {', '.join(left[:4])}"
         rows.append(row)
     return rows
 
@@ -274,18 +280,21 @@ def _sweep_static(ctx: Context, wid: str, candidates: Sequence[dict[str, Any]],
     return ours(**best[1]), records
 
 
-_TORCH_THREADS = torch.get_num_threads()
-
 
 def _peers(s: BenchSettings, torchdata_threads: Sequence[int]) -> list[Contender]:
     return [*(torch_dl(n) for n in s.torch_workers), *(torchdata_nodes(t) for t in torchdata_threads)]
 
 
-def _ours_missing_row(rows: list[Row], name: str = "ours static (best of sweep)") -> None:
-    """A placeholder row when the sweep could not produce a static contender."""
-    c = ours(**AUTO)
-    if c.unavailable is not None and not any(r.name == name for r in rows):
-        rows.append(Row(name, "ours", {}, status="skipped", message=c.unavailable))
+def _ours_missing_row(rows: list[Row], sweep: Sequence[dict[str, Any]],
+                      name: str = "ours static (best of sweep)") -> None:
+    """A placeholder row when the sweep produced no static contender (skipped or all failed)."""
+    reason = ours(**AUTO).unavailable
+    if reason is not None:
+        rows.append(Row(name, "ours", {}, status="skipped", message=reason))
+        return
+    errors = [r["error"] for r in sweep if "error" in r]
+    rows.append(Row(name, "ours", {}, status="error",
+                    message=errors[0] if errors else "the static sweep measured nothing"))
 
 
 # ---------------------------------------------------------------- throughput W1-W4
@@ -298,10 +307,13 @@ def _throughput_workload(ctx: Context, wid: str, title: str, spec: LoaderSpec,
     s = ctx.settings
     unit = f"{per}/s"
     result = WorkloadResult(wid, title, unit, True, unit)
+    # One single-worker batch time: the burst of first batches that all workers
+    # finish together stays out of the window.
+    warmup_s = spec.batch_size * calib.wall_s if calib is not None else 0.0
 
     def measure(c: Contender, duration: float = s.duration_s) -> Measurement:
         return measure_throughput(c, spec, duration=duration, warmup_batches=s.warmup_batches,
-                                  per=per)
+                                  warmup_s=warmup_s, per=per)
 
     static, result.sweep = _sweep_static(
         ctx, wid, sweep, lambda c: measure(c, s.sweep_duration_s))
@@ -311,8 +323,11 @@ def _throughput_workload(ctx: Context, wid: str, title: str, spec: LoaderSpec,
     outcome = interleaved_rounds(contenders, measure, s.rounds, ctx.log, wid, _fmt_rate)
     result.rows = _build_rows(contenders, outcome, calib, ctx.cores)
     if static is None:
-        _ours_missing_row(result.rows)
+        _ours_missing_row(result.rows, result.sweep)
     _apply_ratios(result, _standard_refs(result, *extra_refs))
+    result.notes.append(
+        f"throughput window {s.duration_s:g} s after a warm-up of >= {s.warmup_batches} batches"
+        + (f" and >= {warmup_s * 1e3:.0f} ms (one single-worker batch time)" if warmup_s else ""))
     return result
 
 
@@ -448,7 +463,9 @@ def run_w6(ctx: Context) -> WorkloadResult:
                 for batch in handle.iter():
                     _touch(batch)
                     n += 1
-                    time.sleep(s.w6_consumer_s)  # a slow consumer: the producer runs ahead
+                    # A stalled consumer after the first batch (think: a long first step),
+                    # then a slow one: the producer runs as far ahead as it is allowed to.
+                    time.sleep(s.w6_pause_s if n == 1 else s.w6_consumer_s)
                 extra = report_extra(handle)
             finally:
                 handle.close()
@@ -473,8 +490,10 @@ def run_w6(ctx: Context) -> WorkloadResult:
     result.limits["budget + one batch"] = float(budget + sample)
     result.limits["all samples"] = float(s.w6_samples * sample)
     result.notes.append(
-        f"figure: peak growth of this process's RSS while one epoch of {s.w6_samples} samples is "
-        f"consumed with a {s.w6_consumer_s * 1e3:.0f} ms pause per batch; lower is better")
+        f"figure: peak growth of this process's RSS (sampled every 2 ms) over one epoch of "
+        f"{s.w6_samples} samples; the consumer touches every page of a batch, pauses "
+        f"{s.w6_pause_s:g} s after the first batch and {s.w6_consumer_s * 1e3:.0f} ms after each "
+        "later one, so an unbounded prefetch holds nearly the whole epoch; lower is better")
     return result
 
 
@@ -512,7 +531,10 @@ def run_w7(ctx: Context) -> WorkloadResult:
         best_td = ctx.results["W2"].best("torchdata") if "W2" in ctx.results else None
         contenders.append(torchdata_nodes(best_td.params["threads"] if best_td
                                           else DEFAULT_TORCHDATA_W2))
-    contenders += [ours(**AUTO), ours(**static_kwargs), preloaded]
+    contenders.append(ours(**AUTO))
+    if s.w7_ours_static:
+        contenders.append(ours(**static_kwargs))
+    contenders.append(preloaded)
     monitor_ok = [True]
 
     def measure(c: Contender) -> Measurement:
@@ -566,8 +588,9 @@ def run_w7(ctx: Context) -> WorkloadResult:
                for r in result.rows for e in r.extras):
         result.notes.append("lightning_threadsafe.callbacks.LoaderMonitor not available or "
                             "reported nothing: ours measured with the gap timer only")
-    result.notes.append(f"ours static = W2's best static setting {static_kwargs}"
-                        + ("" if "W2" in ctx.best_static else " (default: W2 not run)"))
+    if s.w7_ours_static:
+        result.notes.append(f"ours static = W2's best static setting {static_kwargs}"
+                            + ("" if "W2" in ctx.best_static else " (default: W2 not run)"))
     return result
 
 
@@ -651,6 +674,13 @@ def _target(tid: str, text: str, status: str, measured: str = "", detail: str = 
     return {"id": tid, "target": text, "measured": measured, "status": status, "detail": detail}
 
 
+def _median(row: Row | None) -> float:
+    """The median of a row that :func:`_ours_problem` accepted."""
+    if row is None or row.median is None:
+        raise ValueError(f"row={row!r} has no measurement")
+    return row.median
+
+
 def _ours_problem(row: Row | None, what: str = "ours auto") -> tuple[str, str] | None:
     """(status, detail) when ``row`` cannot be judged: skipped -> N/A, error -> FAIL."""
     if row is None:
@@ -670,8 +700,7 @@ def _ratio_target(tid: str, text: str, res: WorkloadResult, row: Row | None, ref
     if ref is None or ref.median is None:
         return _target(tid, text, "N/A", detail="reference not measured"
                        + (f" ({ref.message})" if ref is not None and ref.message else ""))
-    assert row is not None and row.median is not None  # narrowed by _ours_problem
-    ratio = row.median / ref.median
+    ratio = _median(row) / ref.median
     ok = ratio >= threshold if at_least else ratio <= threshold
     return _target(tid, text, "PASS" if ok else "FAIL", f"{ratio:.2f}x",
                    f"{row.name} vs {ref.name}")
@@ -733,11 +762,11 @@ def _limit_target(tid: str, text: str, row: Row | None, limit: float | None,
         return _target(tid, text, problem[0], detail=problem[1])
     if not limit:
         return _target(tid, text, "N/A", detail="limit unknown")
-    assert row is not None and row.median is not None
-    frac = row.median / limit
+    median = _median(row)
+    frac = median / limit
+    note = f" ({row.note})" if row is not None and row.note else ""
     return _target(tid, text, "PASS" if frac >= threshold else "FAIL", f"{frac:.0%}",
-                   f"{row.median:,.0f} of {limit:,.0f} {'samples/s'}"
-                   + (f" ({row.note})" if row.note else ""))
+                   f"{median:,.0f} of {limit:,.0f} samples/s{note}")
 
 
 def _memory_targets(r: WorkloadResult, s: BenchSettings) -> list[dict[str, str]]:
@@ -749,8 +778,7 @@ def _memory_targets(r: WorkloadResult, s: BenchSettings) -> list[dict[str, str]]
     problem = _ours_problem(row, "ours with budget")
     if problem:
         out.append(_target("W6", text, problem[0], detail=problem[1]))
-    else:
-        assert row is not None
+    elif row is not None:
         peak = max(row.values)  # the worst round, not the median: a bound must hold every time
         out.append(_target("W6", text, "PASS" if peak <= budget + batch else "FAIL",
                            f"{peak / MiB:.0f} MiB", f"worst round; limit {(budget + batch) / MiB:.0f} MiB"
@@ -761,9 +789,9 @@ def _memory_targets(r: WorkloadResult, s: BenchSettings) -> list[dict[str, str]]
     if problem:
         out.append(_target("W6", text, problem[0], detail=problem[1]))
     else:
-        assert row is not None and row.median is not None
-        out.append(_target("W6", text, "PASS" if row.median > budget else "FAIL",
-                           f"{row.median / MiB:.0f} MiB", f"median; budget {budget / MiB:.0f} MiB"))
+        median = _median(row)
+        out.append(_target("W6", text, "PASS" if median > budget else "FAIL",
+                           f"{median / MiB:.0f} MiB", f"median; budget {budget / MiB:.0f} MiB"))
     return out
 
 
@@ -773,7 +801,7 @@ def _wait_target(r: WorkloadResult, w2: WorkloadResult | None, s: BenchSettings)
     problem = _ours_problem(auto)
     if problem:
         return _target("W7", text, problem[0], detail=problem[1])
-    assert auto is not None and auto.median is not None
+    median = _median(auto)
     steps = sorted(e["step_ms_mean"] for e in auto.extras)
     step_rate = 1e3 / steps[len(steps) // 2]
     capacity = None
@@ -783,13 +811,13 @@ def _wait_target(r: WorkloadResult, w2: WorkloadResult | None, s: BenchSettings)
     elif w2 is not None and w2.limits:
         capacity = w2.limits["CPU limit (cores x 1-thread rate)"] / s.batch_size
         source = "W2 CPU limit"
-    measured = f"{auto.median:.1%}"
+    measured = f"{median:.1%}"
     if capacity is not None and capacity <= step_rate:
         return _target("W7", text, "N/A", measured,
                        f"capacity {capacity:.1f} batches/s ({source}) <= step rate {step_rate:.1f}/s")
     detail = (f"capacity {capacity:.1f} batches/s ({source}) > step rate {step_rate:.1f}/s"
               if capacity is not None else "capacity unknown (W2 not run); judged anyway")
-    return _target("W7", text, "PASS" if auto.median <= 0.03 else "FAIL", measured, detail)
+    return _target("W7", text, "PASS" if median <= 0.03 else "FAIL", measured, detail)
 
 
 # ------------------------------------------------------------------------- driver

@@ -106,8 +106,14 @@ def plain(value: Any) -> Any:
 
 
 def measure_throughput(contender: Contender, spec: LoaderSpec, *, duration: float,
-                       warmup_batches: int, per: str = "samples") -> Measurement:
+                       warmup_batches: int, warmup_s: float = 0.0,
+                       per: str = "samples") -> Measurement:
     """Steady-state delivery rate of a fresh loader, in samples/s or batches/s.
+
+    The warm-up ends when ``warmup_batches`` batches have arrived *and*
+    ``warmup_s`` seconds have passed since the first one. Workers that start
+    together finish their first batches together; passing one single-worker
+    batch time as ``warmup_s`` keeps that initial burst out of the window.
 
     Raises:
         RuntimeError: if the epoch ends before one batch after the warm-up.
@@ -121,16 +127,20 @@ def measure_throughput(contender: Contender, spec: LoaderSpec, *, duration: floa
         t_start = None
         samples = batches = seen = 0
         ttfb = float("nan")
+        t_first = t_open
         for batch in it:
             seen += 1
+            now = time.perf_counter()
             if seen == 1:
-                ttfb = time.perf_counter() - t_open
-            if seen <= warmup_batches:
-                if seen == warmup_batches:
-                    t_start = time.perf_counter()
-                continue
-            if t_start is None:  # warmup_batches == 0
-                t_start = t_open
+                t_first = now
+                ttfb = now - t_open
+            if t_start is None:
+                if warmup_batches == 0 and warmup_s <= 0:
+                    t_start = t_open  # no warm-up: this batch counts, from the constructor on
+                else:
+                    if seen >= warmup_batches and now - t_first >= warmup_s:
+                        t_start = now  # the window starts after this batch
+                    continue
             samples += batch_len(batch)
             batches += 1
             if time.perf_counter() - t_start >= duration:
@@ -140,7 +150,8 @@ def measure_throughput(contender: Contender, spec: LoaderSpec, *, duration: floa
             raise RuntimeError(f"the epoch ended after {seen} batches, within the warm-up; "
                                "make the dataset longer")
         extra = {"samples": samples, "batches": batches, "elapsed_s": elapsed,
-                 "first_batch_s": ttfb, **report_extra(handle)}
+                 "first_batch_s": ttfb, "warmup_batches": seen - batches,
+                 **report_extra(handle)}
     finally:
         handle.close()
     count = samples if per == "samples" else batches
@@ -235,6 +246,11 @@ def summarize(values: Sequence[float]) -> dict[str, float | int | None]:
             "max": vals[-1], "q1": q1, "q3": q3}
 
 
+def _lts_threads() -> set[str]:
+    """Names of live threads started by our loader (named ``lts-*`` by convention)."""
+    return {t.name for t in threading.enumerate() if t.name.startswith("lts-") and t.is_alive()}
+
+
 @dataclass
 class RoundsOutcome:
     """Per contender: the measurements that succeeded and the first error, if any."""
@@ -249,7 +265,9 @@ def interleaved_rounds(contenders: Sequence[Contender], measure: Callable[[Conte
     """Measure every available contender once per round, round-robin, rotating the start.
 
     A contender that raises is reported with its error and not measured again
-    (a broken loader must not stall the whole run); the others go on.
+    (a broken loader must not stall the whole run); the others go on. Threads
+    named ``lts-*`` still alive after a run (the loader was closed) are recorded
+    in the measurement's ``threads_left_after_close``.
     torch's intra-op thread count is restored after each run in case a loader
     changed it, so that no contender inherits another's setting.
     """
@@ -263,6 +281,7 @@ def interleaved_rounds(contenders: Sequence[Contender], measure: Callable[[Conte
         for c in order:
             if c.name in errors:
                 continue
+            before = _lts_threads()
             try:
                 m = measure(c)
             except Exception as exc:
@@ -273,6 +292,9 @@ def interleaved_rounds(contenders: Sequence[Contender], measure: Callable[[Conte
                 if torch.get_num_threads() != n_threads:
                     torch.set_num_threads(n_threads)
                 gc.collect()
+            left = sorted(_lts_threads() - before)
+            if left:  # the loader was closed: none of its threads should remain
+                m.extra["threads_left_after_close"] = left
             out[c.name].append(m)
             log(f"[{tag}] round {r + 1}/{rounds} {c.name}: {fmt(m.value)}")
     return RoundsOutcome(out, errors)

@@ -127,6 +127,22 @@ def finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: Work
     batch.payload = payload
 
 
+def _thread_init_fn(fn: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """The ``worker_init_fn`` to run in worker *threads*.
+
+    Lightning (``seed_everything(workers=True)``) installs
+    ``pl_worker_init_function`` on any loader with a ``worker_init_fn`` slot. It
+    reseeds the *global* RNGs from per-process seeds, which in threads is both
+    wrong (threads share the global RNG) and crashes (its seed arithmetic assumes
+    a worker process). Per-sample seeding (``sample_rng()``) replaces it, so it is
+    skipped for threads; the process executor still passes it to torch.
+    """
+    target = getattr(fn, "func", fn)
+    if getattr(target, "__name__", "") == "pl_worker_init_function":
+        return None
+    return fn
+
+
 class Empty:
     """Payload of a batch whose every sample was skipped: counted as delivered, not yielded."""
 
@@ -185,7 +201,7 @@ class ThreadIterator(BaseIterator[T]):
             self._pool = ThreadPool(
                 num_workers=self._num_workers, fetch=fetch, finish=finish,
                 telemetry=manager.telemetry, in_order=self._in_order,
-                on_progress=watchdog.progress, worker_init_fn=loader.worker_init_fn,
+                on_progress=watchdog.progress, worker_init_fn=_thread_init_fn(loader.worker_init_fn),
                 worker_context=manager.worker_context, on_worker_exit=manager.on_worker_exit,
                 name="worker",
             )

@@ -4,10 +4,12 @@
 * :class:`EMCropDataset` -- random crops read through per-thread memory maps,
   with optional simulated storage latency.
 * :class:`UNet3D` -- a small 3-D U-Net ``LightningModule``.
+* :class:`EMVolumeDataModule` -- the quickstart's ``ThreadedDataModule`` over the volume.
 """
 
+from lightning_threadsafe.examples.datamodule import EMVolumeDataModule
 from lightning_threadsafe.examples.dataset import EMCropDataset
 from lightning_threadsafe.examples.model import UNet3D
 from lightning_threadsafe.examples.volume import make_synthetic_volume
 
-__all__ = ["EMCropDataset", "UNet3D", "make_synthetic_volume"]
+__all__ = ["EMCropDataset", "EMVolumeDataModule", "UNet3D", "make_synthetic_volume"]
