@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
+import importlib
 import sys
 import tempfile
 import time
@@ -20,11 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 
 from benchmarks.harness import WORKLOADS, Context, evaluate_targets, run_workloads
 from benchmarks.report import machine_info, render_summary, render_workload, write_json, write_plot
-from benchmarks.settings import preset
+from benchmarks.settings import BenchSettings, preset
 
 __all__ = ["main", "parse_args", "run_benchmarks"]
 
@@ -70,6 +73,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tune-windows", type=_positive_int, default=None,
                    help="W8: optimize_thread_safety_settings() calls per epoch (default 1: "
                         "epoch ends only)")
+    p.add_argument("--torch-threads", type=_positive_int, default=None,
+                   help="torch.set_num_threads() for the whole run (default: torch's own, "
+                        "usually the core count; worker processes always use 1)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true", help="no per-measurement progress lines")
     p.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)  # tests only
@@ -79,7 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run_benchmarks(*, mode: str = "full", workloads: Sequence[str] | None = None,
                    rounds: int | None = None, out: Path | None = DEFAULT_OUT,
                    cache_dir: Path | None = None, plot: bool = True, quiet: bool = False,
-                   tune_windows: int | None = None, console: Console | None = None) -> dict[str, Any]:
+                   tune_windows: int | None = None, torch_threads: int | None = None,
+                   console: Console | None = None) -> dict[str, Any]:
     """Run the harness in-process and return the JSON payload (also written to ``out``).
 
     Args:
@@ -91,6 +98,7 @@ def run_benchmarks(*, mode: str = "full", workloads: Sequence[str] | None = None
         plot: write the PNG (needs matplotlib).
         quiet: no progress lines.
         tune_windows: W8 tuning calls per epoch.
+        torch_threads: intra-op threads of torch for the run (restored afterwards).
         console: where tables go (default: stdout).
     """
     settings = preset(mode)
@@ -98,9 +106,31 @@ def run_benchmarks(*, mode: str = "full", workloads: Sequence[str] | None = None
         settings = settings.replace(rounds=rounds)
     if tune_windows is not None:
         settings = settings.replace(w8_windows_per_epoch=tune_windows)
+    if torch_threads is not None:
+        settings = settings.replace(torch_threads=torch_threads)
     ids = list(workloads) if workloads else list(WORKLOADS)
     # Piped output (a file, CI) would otherwise wrap the tables at 80 columns.
     console = console or Console(width=None if sys.stdout.isatty() else 180)
+
+    threads_before = torch.get_num_threads()
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    if "W7" in ids:
+        importlib.import_module("benchmarks.fit")  # Lightning: imported before the freeze below
+    # Every measurement ends with gc.collect() so that no contender pays for another's
+    # garbage; with torch and Lightning loaded a full collection takes ~0.1-0.2 s. Freezing
+    # the objects that exist now (modules, classes) takes them out of those collections.
+    gc.collect()
+    gc.freeze()
+    try:
+        return _run(settings, ids, out, cache_dir, plot, quiet, mode, console)
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(threads_before)
+
+
+def _run(settings: BenchSettings, ids: list[str], out: Path | None, cache_dir: Path | None,
+         plot: bool, quiet: bool, mode: str, console: Console) -> dict[str, Any]:
     progress = Console(stderr=True, highlight=False)
 
     def log(msg: str) -> None:
@@ -125,7 +155,9 @@ def run_benchmarks(*, mode: str = "full", workloads: Sequence[str] | None = None
     info["load_average_end"] = machine_info()["load_average"]
     payload: dict[str, Any] = {
         "schema": SCHEMA_VERSION,
-        "command": f"python -m benchmarks --{mode}" if mode != "full" else "python -m benchmarks",
+        "command": " ".join(["python -m benchmarks", *{"quick": ["--quick"], "smoke": ["--smoke"]}
+                             .get(mode, []), "--workloads", ",".join(ids),
+                             "--rounds", str(settings.rounds)]),
         "mode": mode,
         "machine": info,
         "settings": settings.to_dict(),
@@ -156,5 +188,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     run_benchmarks(mode=mode, workloads=args.workloads, rounds=args.rounds, out=args.out,
                    cache_dir=args.cache_dir, plot=not args.no_plot, quiet=args.quiet,
-                   tune_windows=args.tune_windows)
+                   tune_windows=args.tune_windows, torch_threads=args.torch_threads)
     return 0

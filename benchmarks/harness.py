@@ -67,8 +67,6 @@ AUTO = {"num_workers": "auto", "prefetch_factor": "auto", "executor": "auto"}
 DEFAULT_STATIC = {"W1": {"num_workers": 2, "prefetch_factor": 2, "executor": "thread"},
                   "W2": {"num_workers": 16, "prefetch_factor": 2, "executor": "thread"}}
 DEFAULT_TORCHDATA_W2 = 16
-# torch's intra-op thread count at import; restored after every measurement of ours.
-_TORCH_THREADS = torch.get_num_threads()
 
 
 @dataclass
@@ -257,6 +255,7 @@ def _sweep_static(ctx: Context, wid: str, candidates: Sequence[dict[str, Any]],
     """One short measurement of each static candidate of ours; the best becomes a contender."""
     records: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Any]] | None = None
+    n_threads = torch.get_num_threads()  # restored after each run, as in the rounds
     for kwargs in candidates:
         c = ours(**kwargs)
         if c.unavailable is not None:
@@ -268,7 +267,7 @@ def _sweep_static(ctx: Context, wid: str, candidates: Sequence[dict[str, Any]],
             ctx.log(f"[{wid}] sweep {c.name}: [red]error[/] {exc}")
             continue
         finally:
-            torch.set_num_threads(_TORCH_THREADS)
+            torch.set_num_threads(n_threads)
         records.append({"settings": kwargs, "value": value})
         ctx.log(f"[{wid}] sweep {c.name}: {value:.4g}")
         score = value if higher_is_better else -value

@@ -31,6 +31,7 @@ class BenchSettings:
     warmup_batches: int          # batches discarded before the window starts
     sweep_duration_s: float      # window of one measurement in the static sweep of ours
     calibration_s: float         # single-thread calibration per workload
+    torch_threads: int | None = None  # torch.set_num_threads for the run (None: as found)
     torch_workers: tuple[int, ...] = (0, 1, 2, 4)
 
     # W1/W2/W5/W7/W8 volume crops
@@ -93,8 +94,9 @@ class BenchSettings:
 def preset(mode: str) -> BenchSettings:
     """The settings of ``mode``: ``"quick"``, ``"full"`` or ``"smoke"``."""
     if mode == "quick":
-        return BenchSettings(mode="quick", rounds=3, duration_s=0.4, warmup_batches=2,
-                             sweep_duration_s=0.3, calibration_s=0.3, w3_gil_ms=5.0)
+        return BenchSettings(mode="quick", rounds=3, duration_s=0.3, warmup_batches=2,
+                             sweep_duration_s=0.25, calibration_s=0.25, w3_gil_ms=5.0,
+                             w6_pause_s=0.5)
     if mode == "full":
         return BenchSettings(
             mode="full", rounds=5, duration_s=2.0, warmup_batches=3, sweep_duration_s=1.0,

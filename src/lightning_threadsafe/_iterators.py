@@ -45,6 +45,7 @@ class BaseIterator(Iterator[T]):
         self._generator_state = generator_state
         self._finished = False
         self.finished_cleanly = False
+        self._started = False  # delivered a batch (or ended): the loader's epoch moved on
         self._last_exit: float | None = None
 
     def position(self) -> dict[str, Any]:
@@ -63,13 +64,23 @@ class BaseIterator(Iterator[T]):
             self._telemetry.consumer_s += now - self._last_exit
         return now
 
+    def _mark_started(self) -> None:
+        if not self._started:
+            self._started = True
+            loader = self._loader_ref()
+            if loader is not None:
+                loader._epoch_started(self.epoch)
+
     def _exit(self, entered: float) -> None:
+        self._mark_started()
         now = time.perf_counter()
         self._telemetry.wait_s += now - entered
         self._telemetry.batches += 1
         self._last_exit = now
 
     def _finish(self, clean: bool) -> None:
+        if clean:
+            self._mark_started()
         self._finished = True
         self.finished_cleanly = clean
         self.close()
@@ -96,6 +107,7 @@ def finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: Work
         else:
             values.append(v)
     batch.results = []  # drop sample references early
+    batch.samples = len(values)
     if not values:
         batch.payload = EMPTY
         return
@@ -329,6 +341,7 @@ class ThreadIterator(BaseIterator[T]):
         if batch.error is not None:
             raise batch.error
         self._delivered.append(ordinal)
+        self._telemetry.delivered += batch.samples
         payload = batch.payload
         if payload is EMPTY:
             return EMPTY
@@ -425,6 +438,7 @@ class IterableIterator(BaseIterator[T]):
         batch = loader.collate_fn(values) if loader._auto_collation else loader.collate_fn(values[0])
         self._stats.collate_s += time.perf_counter() - t0
         self._delivered.append(self._ordinal)
+        self._telemetry.delivered += len(values)
         self._ordinal += 1
         self._exit(entered)
         return batch

@@ -225,6 +225,7 @@ class ProcessIterator(BaseIterator[T]):
                 self._manager.record_error(index=sk.index, batch=d.ordinal, error=sk.error,
                                            action="skipped", attempts=sk.attempts)
             self._delivered.append(d.ordinal)
+            self._telemetry.delivered += d.samples
             if isinstance(d.batch, Empty):
                 continue
             batch = d.batch

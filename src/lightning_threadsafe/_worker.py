@@ -35,7 +35,7 @@ class BatchState:
     """
 
     __slots__ = ("done", "error", "indices", "lock", "nbytes", "ordinal", "payload",
-                 "remaining", "results")
+                 "remaining", "results", "samples")
 
     def __init__(self, ordinal: int, indices: list[Any]) -> None:
         self.ordinal = ordinal
@@ -48,6 +48,7 @@ class BatchState:
         self.done = False  # set once the batch went to the ready buffer
         self.payload: Any = None
         self.nbytes = 0
+        self.samples = 0  # samples in the collated batch (skipped ones excluded)
 
 
 def _noop_context() -> contextlib.AbstractContextManager[None]:

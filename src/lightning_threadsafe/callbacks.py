@@ -176,14 +176,18 @@ class LoaderMonitor(Callback):
     def _log(self, trainer: L.Trainer, stage: str, *, text: bool = False) -> None:
         for i, track in enumerate(self._tracks.get(stage, [])):
             window, totals = track.window()
+            prefix = f"loader/{stage}/" if i == 0 else f"loader/{stage}_{i}/"
             if window.batches == 0 and window.samples == 0:
+                if text and track.verdict is not None and trainer.is_global_zero:
+                    v = track.verdict  # nothing new since the last log: restate its verdict
+                    self._emit(trainer, {}, text=f"{v.name}: {v.recommendation}",
+                               tag=prefix + "verdict")
                 continue
             track.detector.reset()
             track.detector.update(window)
             track.run_detector.update(window)
             verdict = track.detector.compute()
             track.verdict = verdict
-            prefix = f"loader/{stage}/" if i == 0 else f"loader/{stage}_{i}/"
             metrics = {prefix + k: v for k, v in window_metrics(window, totals, verdict).items()}
             if not trainer.is_global_zero:
                 continue
@@ -207,7 +211,8 @@ class LoaderMonitor(Callback):
             return
         step = trainer.global_step
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            if metrics:
+                logger.log_metrics(metrics, step=step)
             if text is not None:
                 exp = getattr(logger, "experiment", None)
                 add_text = getattr(exp, "add_text", None)

@@ -19,13 +19,43 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
+from lightning_threadsafe.config import LoaderConfig
 from lightning_threadsafe.datamodule import ThreadedDataModule
 
 __all__ = ["ThreadsafeCLI", "check_dataset_main", "main"]
 
 
 class ThreadsafeCLI(LightningCLI):
-    """``LightningCLI`` with ``ThreadedDataModule`` subclasses and any model by ``class_path``."""
+    """``LightningCLI`` with ``ThreadedDataModule`` subclasses and any model by ``class_path``.
+
+    Loader knobs are validated before anything is built: a bad value (``num_workers: -3``,
+    ``memory_budget: lots``) ends the command with a parser error naming the field.
+    """
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        for path, value in _loader_configs(config, "config"):
+            try:
+                LoaderConfig(**value)
+            except (TypeError, ValueError) as exc:
+                self.parser.error(f"{path}: {exc}")
+
+
+def _loader_configs(node: Any, path: str) -> list[tuple[str, dict[str, Any]]]:
+    """``(dotted path, fields)`` of every ``loader:`` section that looks like a LoaderConfig."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    items = vars(node).items() if hasattr(node, "__dict__") and not isinstance(node, type) \
+        else node.items() if isinstance(node, dict) else []
+    for key, value in items:
+        if key == "loader" and value is not None and not isinstance(value, LoaderConfig):
+            fields = dict(vars(value)) if hasattr(value, "__dict__") else value
+            if isinstance(fields, dict) and "num_workers" in fields:
+                fields = {k: v for k, v in fields.items() if not k.startswith("_")}
+                found.append((f"{path}.{key}", fields))
+                continue
+        if hasattr(value, "__dict__") or isinstance(value, dict):
+            found.extend(_loader_configs(value, f"{path}.{key}"))
+    return found
 
 
 def _import(path: str) -> Any:

@@ -169,13 +169,17 @@ class ThreadedDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ThreadedDataLoader[Any]:
         return self._make_loader("train", self.train_dataset)
 
-    def val_dataloader(self) -> ThreadedDataLoader[Any]:
-        return self._make_loader("val", self.val_dataset)
+    # Without a dataset for a stage, Lightning gets an empty list: "no data for this
+    # stage" (validation is skipped), instead of an error.
+    def val_dataloader(self) -> ThreadedDataLoader[Any] | list[Any]:
+        return self._make_loader("val", self.val_dataset) if self.val_dataset is not None else []
 
-    def test_dataloader(self) -> ThreadedDataLoader[Any]:
-        return self._make_loader("test", self.test_dataset)
+    def test_dataloader(self) -> ThreadedDataLoader[Any] | list[Any]:
+        return self._make_loader("test", self.test_dataset) if self.test_dataset is not None else []
 
-    def predict_dataloader(self) -> ThreadedDataLoader[Any]:
+    def predict_dataloader(self) -> ThreadedDataLoader[Any] | list[Any]:
+        if self.predict_dataset is None:
+            return []
         return self._make_loader("predict", self.predict_dataset)
 
     @property

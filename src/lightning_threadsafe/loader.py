@@ -377,12 +377,13 @@ class ThreadedDataLoader(Generic[T]):
         if current is not None:
             current.close()  # like torch: a new iteration replaces the old one
         self._resolve_auto()
+        # The epoch (and a pending resume) is only used up once this iterator delivers
+        # or finishes (_epoch_started): Lightning calls iter() to probe a loader and
+        # creates the first epoch's iterator before set_epoch(0); neither may skip an epoch.
         epoch = self._next_epoch
         resume = self._resume
-        self._resume = None
         if resume is not None:
             epoch = int(resume["epoch"])
-        self._next_epoch = epoch + 1
         self._plan.distributed = self._distributed_info()
         if resume is not None and resume.get("generator_state") is not None:
             self._plan.set_generator_state(resume["generator_state"])
@@ -401,6 +402,12 @@ class ThreadedDataLoader(Generic[T]):
             it = ThreadIterator(self, epoch, source, sorted(skip), generator_state)
         self._current = weakref.ref(it)
         return it
+
+    def _epoch_started(self, epoch: int) -> None:
+        """Called by an iterator at its first delivery (or when it ends empty)."""
+        self._resume = None
+        if self._next_epoch <= epoch:  # keep a later epoch set by set_epoch() meanwhile
+            self._next_epoch = epoch + 1
 
     def _source(self, epoch: int, skip: set[int]) -> Iterator[tuple[int, list[Any]]]:
         for ordinal, indices in enumerate(self._plan.batches(epoch)):

@@ -76,7 +76,8 @@ class ThreadSafetyManager:
         self._error_counts = {"raised": 0, "skipped": 0}
         self._pools: weakref.WeakSet[Any] = weakref.WeakSet()
         self._closed = False
-        self._created = TelemetrySnapshot(time=self.telemetry.clock())
+        # Baseline of the first window (process CPU and throttling counted from here).
+        self._created: TelemetrySnapshot = self.snapshot()
 
     # -- resources ---------------------------------------------------------------
 

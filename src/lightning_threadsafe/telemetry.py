@@ -50,7 +50,8 @@ class TelemetrySnapshot:
     Fields (all cumulative unless marked *gauge*):
         samples: samples loaded; fetch_wall_s / fetch_cpu_s: summed wall and
         thread-CPU seconds inside ``dataset[i]``; collate_s; transfer_s (host to
-        device staging); batches: batches handed to the consumer; wait_s:
+        device staging); batches / delivered: batches and samples handed to the
+        consumer; wait_s:
         seconds the consumer spent blocked in ``next()``; consumer_s: seconds
         the consumer spent *outside* ``next()`` (its step time);
         errors / retries / skipped; throttle_events / throttled_s (memory
@@ -67,6 +68,7 @@ class TelemetrySnapshot:
     collate_s: float = 0.0
     transfer_s: float = 0.0
     batches: int = 0
+    delivered: int = 0
     wait_s: float = 0.0
     consumer_s: float = 0.0
     errors: int = 0
@@ -109,6 +111,7 @@ class TelemetryWindow:
     collate_s: float = 0.0
     transfer_s: float = 0.0
     batches: int = 0
+    delivered: int = 0
     wait_s: float = 0.0
     consumer_s: float = 0.0
     errors: int = 0
@@ -126,7 +129,9 @@ class TelemetryWindow:
 
     @property
     def samples_per_sec(self) -> float:
-        return self.samples / self.duration_s if self.duration_s > 0 else 0.0
+        """Samples handed to the consumer per second (loaded samples if none were counted)."""
+        n = self.delivered if self.delivered else self.samples
+        return n / self.duration_s if self.duration_s > 0 else 0.0
 
     @property
     def batches_per_sec(self) -> float:
@@ -190,6 +195,7 @@ class LoaderTelemetry:
         self._retired = WorkerStats("retired")  # counters of workers that exited
         # Consumer-owned counters (written only by the thread iterating the loader).
         self.batches = 0
+        self.delivered = 0
         self.wait_s = 0.0
         self.consumer_s = 0.0
         self.collate_s_consumer = 0.0
@@ -227,6 +233,6 @@ class LoaderTelemetry:
         tot["collate_s"] += self.collate_s_consumer
         gauges.setdefault("busy_workers", busy)
         return TelemetrySnapshot(
-            time=self.clock(), batches=self.batches, wait_s=self.wait_s,
+            time=self.clock(), batches=self.batches, delivered=self.delivered, wait_s=self.wait_s,
             consumer_s=self.consumer_s, **tot, **gauges,
         )
