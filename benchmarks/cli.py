@@ -64,7 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workloads", type=_workload_list, default=list(WORKLOADS),
                    help="comma-separated subset, e.g. W1,W4 (default: all)")
     p.add_argument("--rounds", type=_positive_int, default=None,
-                   help="interleaved rounds per figure (default 3 quick, 5 full; "
+                   help="interleaved rounds per figure (default 3 quick, 4 full; "
                         "fewer than 3 gives no meaningful spread)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"directory for the JSON and PNG (default {DEFAULT_OUT})")

@@ -67,7 +67,7 @@ class BenchSettings:
     w6_prefetch: int = 32
     w6_budget_mib: int = 512
     w6_workers: int = 2
-    w6_pause_s: float = 0.6      # consumer stall after the first batch
+    w6_pause_s: float = 2.0      # longest consumer stall after the first batch (see W6)
     w6_consumer_s: float = 0.01  # consumer pause after each later batch
 
     # W7 Lightning fit
@@ -95,11 +95,10 @@ def preset(mode: str) -> BenchSettings:
     """The settings of ``mode``: ``"quick"``, ``"full"`` or ``"smoke"``."""
     if mode == "quick":
         return BenchSettings(mode="quick", rounds=3, duration_s=0.3, warmup_batches=2,
-                             sweep_duration_s=0.25, calibration_s=0.25, w3_gil_ms=5.0,
-                             w6_pause_s=0.5)
+                             sweep_duration_s=0.25, calibration_s=0.25, w3_gil_ms=5.0)
     if mode == "full":
         return BenchSettings(
-            mode="full", rounds=5, duration_s=2.0, warmup_batches=3, sweep_duration_s=1.0,
+            mode="full", rounds=4, duration_s=1.5, warmup_batches=3, sweep_duration_s=1.0,
             calibration_s=1.0,
             w1_torchdata=(1, 2, 4, 8),
             w1_sweep=(_static(2), _static(4), _static(8), _static(2, executor="process")),
@@ -109,8 +108,8 @@ def preset(mode: str) -> BenchSettings:
             w3_sweep=(_static(2, executor="process"), _static(4, executor="process"), _static(2)),
             w4_length=1_000_000, w4_torchdata=(1, 2, 4),
             w4_sweep=(_static(1), _static(2), _static(2, 8), _static(4, 4)),
-            w6_samples=24, w6_pause_s=1.5,
-            w7_steps=100, w7_warmup_steps=10, w7_torch_workers=(2, 4), w7_torchdata=True,
+            w6_samples=24, w6_pause_s=4.0,
+            w7_steps=60, w7_warmup_steps=10, w7_torch_workers=(2, 4), w7_torchdata=True,
             w7_ours_static=True,
             w8_batches_per_epoch=100, w8_batch_size=8,
         )
@@ -122,7 +121,7 @@ def preset(mode: str) -> BenchSettings:
             w2_torchdata=(4,), w2_sweep=(_static(4),), w3_gil_ms=0.5, w3_length=500,
             w3_torchdata=(2,), w3_sweep=(_static(2),), w4_length=20_000, w4_torchdata=(2,),
             w4_sweep=(_static(2),), w5_torchdata=(2,), w6_sample_mib=4, w6_samples=12,
-            w6_budget_mib=16, w6_pause_s=0.1, w6_consumer_s=0.002, w7_steps=8, w7_warmup_steps=2,
+            w6_budget_mib=16, w6_pause_s=0.3, w6_consumer_s=0.002, w7_steps=8, w7_warmup_steps=2,
             w7_step_ms=2.0, w7_torch_workers=(1,), w8_batches_per_epoch=4, w8_batch_size=2,
         )
     raise ValueError(f"mode={mode!r} must be 'quick', 'full' or 'smoke'")

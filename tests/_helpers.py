@@ -115,3 +115,23 @@ def flat_indices(batches: list[Any], key: str | None = None) -> list[int]:
         t = b[key] if key is not None else b
         out.extend(int(v) for v in torch.as_tensor(t).flatten().tolist())
     return out
+
+
+class GlobalRNGDataset(Dataset):
+    """Not thread-safe: draws from numpy's global RNG (the checker must flag it)."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([i + np.random.random()])
+
+
+class SeededDataset(Dataset):
+    """Thread-safe: all randomness from sample_rng()."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([i + sample_rng().random()])

@@ -13,13 +13,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import lightning as L  # noqa: E402
-import torch  # noqa: E402
-from _helpers import AugmentedDataset  # noqa: E402
-from torch import nn  # noqa: E402
+import lightning as L
+import torch
+from _helpers import AugmentedDataset
+from torch import nn
 
-from lightning_threadsafe import LoaderConfig, ThreadedDataLoader, ThreadedDataModule  # noqa: E402
-from lightning_threadsafe.callbacks import AutoTuner, find_loaders  # noqa: E402
+from lightning_threadsafe import LoaderConfig, ThreadedDataLoader, ThreadedDataModule
+from lightning_threadsafe.callbacks import AutoTuner, find_loaders
 
 N = 48
 

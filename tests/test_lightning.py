@@ -18,7 +18,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_threadsafe import LoaderConfig, SampleLoadError, ThreadedDataLoader, ThreadedDataModule
+from lightning_threadsafe import (
+    LoaderConfig,
+    SampleLoadError,
+    ThreadedDataLoader,
+    ThreadedDataModule,
+)
 from lightning_threadsafe.callbacks import AutoTuner, LoaderMonitor
 
 HERE = Path(__file__).parent

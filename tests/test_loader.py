@@ -327,7 +327,7 @@ def test_timeout_raises_like_torch():
     ds = BlockingDataset(4, block_at=0)
     loader = ThreadedDataLoader(ds, batch_size=2, num_workers=1, timeout=0.2)
     try:
-        with pytest.raises(RuntimeError, match="timed out after 0.2 seconds"):
+        with pytest.raises(RuntimeError, match=r"timed out after 0\.2 seconds"):
             next(iter(loader))
     finally:
         ds.release.set()
