@@ -56,7 +56,9 @@ def _git_commit() -> str | None:
                              text=True, timeout=5, cwd=Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def machine_info() -> dict[str, Any]:

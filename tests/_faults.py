@@ -8,8 +8,9 @@ differ from sampler order), never synchronisation.
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import os
+import select
 import threading
 import time
 from typing import Any
@@ -128,29 +129,42 @@ class RaisingDataset(Dataset):
 
 
 class GatedDataset(Dataset):
-    """Blocks at ``block_at`` until the test opens the gate; works across fork.
+    """Blocks at ``block_at`` until the test opens the gate; works in threads and forked processes.
 
-    ``entered`` and ``gate`` are ``multiprocessing`` events (fork context), so the
-    test can release a sample blocked inside a process worker too. The wait is
-    bounded (``max_block_s``) so a forgotten gate cannot hang a worker forever.
+    The gate is a pipe: the blocking sample waits (``select``, bounded by
+    ``max_block_s``) until the test writes to it with :meth:`open`. A pipe, unlike a
+    ``multiprocessing.Event``, stays usable when a waiting process is terminated
+    (torch kills its workers after an error). :meth:`wait_entered` waits, with a
+    deadline, until the blocking sample has started. Call :meth:`close` at the end.
     """
 
     def __init__(self, n: int, block_at: int, *, max_block_s: float = 60.0) -> None:
-        ctx = multiprocessing.get_context("fork")
         self.n = n
         self.block_at = block_at
         self.max_block_s = max_block_s
-        self.entered = ctx.Event()  # set by the blocking sample when it starts waiting
-        self.gate = ctx.Event()  # set by the test to let the blocked sample return
+        self._gate_r, self._gate_w = os.pipe()  # readable once the test opened the gate
+        self._entered_r, self._entered_w = os.pipe()  # a byte per entry into the blocking sample
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if i == self.block_at:
-            self.entered.set()
-            self.gate.wait(self.max_block_s)
+            os.write(self._entered_w, b"x")
+            select.select([self._gate_r], [], [], self.max_block_s)
         return torch.tensor([i])
+
+    def wait_entered(self, timeout: float = 30.0) -> bool:
+        ready, _, _ = select.select([self._entered_r], [], [], timeout)
+        return bool(ready)
+
+    def open(self) -> None:
+        os.write(self._gate_w, b"x")
+
+    def close(self) -> None:
+        for fd in (self._gate_r, self._gate_w, self._entered_r, self._entered_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class LoggingDataset(Dataset):

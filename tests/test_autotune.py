@@ -442,6 +442,12 @@ class FakeClocks:
         with self._lock:
             return self.cpu.get(threading.get_ident(), 0.0)
 
+    def process(self) -> float:
+        with self._lock:
+            return sum(self.cpu.values()) + self.extra_process_cpu
+
+    extra_process_cpu = 0.0  # CPU burnt outside the samples' threads (intra-op pools)
+
     def advance(self, wall: float, cpu: float) -> None:
         with self._lock:
             self.now += wall
@@ -470,7 +476,8 @@ def fake_load(clocks: FakeClocks, *, wall: float, cpu: float, speedup: float = 2
 
 
 def run_probe(load, clocks: FakeClocks, n: int = 8, **kw) -> ProbeResult:
-    return probe(load, list(range(n)), clock=clocks.wall, thread_clock=clocks.thread, **kw)
+    return probe(load, list(range(n)), clock=clocks.wall, thread_clock=clocks.thread,
+                 process_clock=clocks.process, **kw)
 
 
 def test_probe_latency_bound_picks_threads():
@@ -578,3 +585,29 @@ def test_real_probe_on_sleeping_load_picks_threads():
     assert r.executor == "thread"
     assert r.num_workers >= 2
     assert r.evidence["cpu_wall_ratio"] < 0.5
+
+
+def test_probe_keeps_threads_when_samples_already_use_several_cores():
+    # Two threads gain nothing, but the process burns ~2 cores meanwhile (torch's intra-op
+    # threads inside each sample): the GIL is not the limit, processes would not help.
+    c = FakeClocks()
+
+    def load(i: int) -> int:
+        in_probe_thread = threading.current_thread().name.startswith("lts-probe-")
+        c.advance(0.010, 0.010)
+        if in_probe_thread:
+            with c._lock:
+                c.extra_process_cpu += 0.010  # the intra-op helper thread's share
+        return i
+
+    r = run_probe(load, c, cpu_count=2)
+    assert r.evidence["speedup_2_threads"] == pytest.approx(1.0)
+    assert r.evidence["process_cores_2_threads"] == pytest.approx(2.0)
+    assert r.executor == "thread"
+
+
+def test_probe_tiny_samples_use_a_couple_of_threads_never_processes():
+    c = FakeClocks()
+    r = run_probe(fake_load(c, wall=0.00005, cpu=0.00005, speedup=1.0), c, cpu_count=8)
+    assert r.executor == "thread" and r.num_workers == 2
+    assert "tiny samples" in r.evidence["reason"]

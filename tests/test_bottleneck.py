@@ -254,3 +254,13 @@ def test_update_rejects_non_windows():
 def test_default_cpu_count_is_usable_cores():
     import os
     assert BottleneckDetector().cpu_count == len(os.sched_getaffinity(0))
+
+
+def test_cores_burnt_outside_the_loader_do_not_hide_io_latency():
+    # One loader thread, 20 ms of latency per sample, but the process burns 2 of 2 cores
+    # elsewhere (the training step, spinning intra-op pools): still an I/O-latency verdict.
+    w = TelemetryWindow(duration_s=1.0, samples=48, fetch_wall_s=0.92, fetch_cpu_s=0.027,
+                        batches=12, wait_s=0.9, consumer_s=0.05, process_cpu_s=1.9, threads=1)
+    det = BottleneckDetector(cpu_count=2)
+    det.update(w)
+    assert det.compute().code is Bottleneck.IO

@@ -534,6 +534,9 @@ class ProbeResult:
 _CPU_HEAVY_RATIO = 0.5
 _GIL_SPEEDUP = 1.3
 _MAX_PROBE_PREFETCH = 32
+_TINY_SAMPLE_S = 2e-4  # below this per-sample wall time, loader overhead dominates: threads
+_MIN_PROCESS_SAMPLE_S = 1e-3  # processes only pay off when a sample costs more than IPC does
+_GIL_PROCESS_CORES = 1.3  # two GIL-bound threads burn at most ~one core of process CPU
 _JOIN_POLL_S = 0.1
 
 
@@ -547,6 +550,7 @@ def probe(
     prefetch_per_worker: bool = True,
     clock: Callable[[], float] = time.perf_counter,
     thread_clock: Callable[[], float] = time.thread_time,
+    process_clock: Callable[[], float] = time.process_time,
 ) -> ProbeResult:
     """Pick start-up settings for ``"auto"`` from a few samples.
 
@@ -556,10 +560,15 @@ def probe(
     2. With two or more cores, the second half is loaded by two threads
        (``lts-probe-0``/``-1``, joined before returning) and the speedup is
        ``serial wall per sample * count / concurrent wall``.
-    3. Choice, with ``ratio = cpu / wall`` of a serial sample:
-       ``"process"`` with ``num_workers = cpu_count`` when the samples are
-       CPU-heavy (``ratio >= 0.5``) and two threads give less than a 1.3x
-       speedup (the GIL serialises them); otherwise ``"thread"`` with
+    3. Choice, with ``ratio = cpu / wall`` of a serial sample: tiny samples
+       (< 0.2 ms) get two threads (loader overhead dominates; processes would
+       add IPC); ``"process"`` with ``num_workers = cpu_count`` when the samples
+       are CPU-heavy (``ratio >= 0.5``), take at least 1 ms, two threads give
+       less than a 1.3x speedup *and* burn at most ~1.3 cores of process CPU
+       meanwhile (``process_clock``): the GIL serialises them. Samples that
+       already use several cores (torch intra-op threads) or starve on a loaded
+       machine show more process CPU or no GIL signature and stay on threads.
+       Otherwise ``"thread"`` with
        ``num_workers = ceil(cpu_count / ratio)`` — the threads that keep every core
        busy while the others wait on I/O (``cpu_count`` for CPU-bound samples) —
        capped at ``max_workers`` (default ``min(64, 8 * cpu_count)``).
@@ -576,7 +585,8 @@ def probe(
         batch_size: the loader's batch size, to size a total prefetch.
         prefetch_per_worker: whether ``prefetch`` counts batches per worker (default)
             or in total.
-        clock, thread_clock: wall and per-thread CPU clocks (injectable for tests).
+        clock, thread_clock, process_clock: wall, per-thread CPU and process CPU clocks
+            (injectable for tests).
 
     Returns:
         A :class:`ProbeResult`.
@@ -615,25 +625,44 @@ def probe(
     ratio = min(cpu / wall, 1.0) if wall > 0 else 1.0
 
     speedup: float | None = None
+    process_cores: float | None = None
     if cpu_count >= 2:
-        t0 = clock()
+        t0, p0 = clock(), process_clock()
         _load_in_two_threads(load, concurrent)
         elapsed = clock() - t0
         speedup = wall * len(concurrent) / elapsed if elapsed > 0 else 2.0
+        process_cores = (process_clock() - p0) / elapsed if elapsed > 0 else None
 
     evidence: dict[str, Any] = {
         "serial_wall_ms": 1000.0 * wall,
         "serial_cpu_ms": 1000.0 * cpu,
         "cpu_wall_ratio": ratio,
         "speedup_2_threads": speedup,
+        "process_cores_2_threads": process_cores,
         "samples_serial": len(serial),
         "samples_concurrent": len(concurrent) if speedup is not None else 0,
         "cpu_count": cpu_count,
     }
-    if ratio >= _CPU_HEAVY_RATIO and speedup is not None and speedup < _GIL_SPEEDUP:
+    if wall < _TINY_SAMPLE_S:
+        workers = min(cpu_count, max_workers, 2)
+        evidence["reason"] = (f"tiny samples ({1e6 * wall:.0f} us): per-batch overhead dominates, "
+                              f"{workers} threads, no processes")
+        return ProbeResult("thread", workers, 2, evidence)
+    # GIL-bound: CPU-heavy samples that two threads cannot speed up AND whose two threads
+    # burn no more than about one core of process CPU (the GIL lets one run at a time).
+    # The last test keeps samples that already use several cores (torch intra-op
+    # threads) or that starve on a loaded machine from being sent to processes.
+    gil_bound = (
+        ratio >= _CPU_HEAVY_RATIO and speedup is not None and speedup < _GIL_SPEEDUP
+        and wall >= _MIN_PROCESS_SAMPLE_S
+        and (process_cores is None or process_cores <= _GIL_PROCESS_CORES)
+    )
+    if gil_bound:
+        assert speedup is not None
         workers = min(cpu_count, max_workers)
         evidence["reason"] = (f"CPU-heavy samples (cpu/wall {ratio:.2f}) gain only "
-                              f"{speedup:.2f}x from two threads: GIL-bound")
+                              f"{speedup:.2f}x from two threads, which burn "
+                              f"{process_cores or 0:.2f} cores: GIL-bound")
         return ProbeResult("process", workers, 2, evidence)
     if ratio > 0:
         workers = min(max_workers, max(1, math.ceil(cpu_count / ratio)))

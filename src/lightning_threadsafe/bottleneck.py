@@ -27,7 +27,8 @@ order  code                  condition                                          
 1      NONE                  ``wait < wait_threshold`` [0.05]                            none: the step is compute-bound
 2      MEMORY                ``throttled >= memory_threshold`` [0.10]                    lower prefetch / raise memory_budget
 3      TRANSFER              ``transfer_share >= transfer_threshold`` [0.5]              raise prefetch, pin_memory
-4      CPU                   ``cores >= cpu_saturation * C`` [0.85]                      cheaper transforms / more cores
+4      CPU                   ``cores >= cpu_saturation * C`` [0.85] and                  cheaper transforms / more cores
+                             ``busy >= C / 2`` (the loader's threads burn them)
 5      GIL                   ``C >= 2`` and ``busy >= 1.5`` and                          executor="process"
                              ``gil_low <= fetch_cores <= gil_high`` [0.7, 1.2] and
                              (no serial baseline, or ``inflation >= gil_inflation`` [1.5])
@@ -301,7 +302,11 @@ class BottleneckDetector:
         if ev["worker_utilisation"] < 0.5:
             look_ahead = (f"raise prefetch (workers idle {1 - ev['worker_utilisation']:.0%} of "
                           f"the time: look-ahead too short), then ")
-        if ev["cores"] >= self.cpu_saturation * c:
+        # Saturated cores count as a loader CPU bottleneck only when the loader keeps at
+        # least half as many threads busy as there are cores: with fewer, the cores are
+        # burnt elsewhere (the training step, spinning intra-op pools) and more threads
+        # still help a latency-bound loader.
+        if ev["cores"] >= self.cpu_saturation * c and ev["busy_threads"] >= 0.5 * c:
             return verdict(Bottleneck.CPU,
                            f"make transforms cheaper or add cores — the process uses "
                            f"{ev['cores']:.1f} of {c} cores")
