@@ -606,8 +606,8 @@ def test_probe_keeps_threads_when_samples_already_use_several_cores():
     assert r.executor == "thread"
 
 
-def test_probe_tiny_samples_use_a_couple_of_threads_never_processes():
+def test_probe_tiny_samples_are_loaded_inline_never_by_processes():
     c = FakeClocks()
     r = run_probe(fake_load(c, wall=0.00005, cpu=0.00005, speedup=1.0), c, cpu_count=8)
-    assert r.executor == "thread" and r.num_workers == 2
+    assert r.executor == "thread" and r.num_workers == 0
     assert "tiny samples" in r.evidence["reason"]

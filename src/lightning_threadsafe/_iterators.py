@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
-from lightning_threadsafe._fetch import Skipped, load_sample
+from lightning_threadsafe._fetch import Skipped, load_many, load_sample
 from lightning_threadsafe._worker import POLL_S, BatchState, ThreadPool
 from lightning_threadsafe.errors import LoaderStallError, SampleLoadError
 from lightning_threadsafe.memory import MemoryGovernor
@@ -97,7 +97,7 @@ class BaseIterator(Iterator[T]):
 
 
 def finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: WorkerStats | None,
-                  stager: Any) -> None:
+                 stager: Any, *, account: bool = True) -> None:
     """Collate (+ pin, + stage) a completed batch in place; records skipped samples."""
     values = []
     for v in batch.results:
@@ -128,7 +128,7 @@ def finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: Work
         stats.collate_s += t1 - t0
         stats.batches_collated += 1
     gov = loader._manager.governor
-    if gov is not None:
+    if gov is not None and account:  # inline batches are handed over at once: nothing held
         batch.nbytes = MemoryGovernor.nbytes_of(payload)
         gov.observe_batch(batch.nbytes)
         gov.add(batch.nbytes)
@@ -300,12 +300,11 @@ class ThreadIterator(BaseIterator[T]):
         except StopIteration:
             raise StopIteration from None
         batch = BatchState(ordinal, list(indices))
-        for pos, index in enumerate(batch.indices):
-            batch.results[pos] = load_sample(
-                loader.dataset, index, epoch=self.epoch, policy=loader._policy,
-                stats=self._inline_stats, batch_indices=batch.indices, ordinal=ordinal,
-            )
-        finish_batch(loader, batch, self._inline_stats, self._stager)
+        assert self._inline_stats is not None
+        batch.results = load_many(loader.dataset, batch.indices, epoch=self.epoch,
+                                  policy=loader._policy, stats=self._inline_stats,
+                                  ordinal=ordinal)
+        finish_batch(loader, batch, self._inline_stats, self._stager, account=False)
         return self._deliver(batch)
 
     def _next_threaded(self, entered: float) -> Any:

@@ -85,6 +85,12 @@ class ThreadPool:
         name: str = "worker",
     ) -> None:
         self.tasks: PriorityWorkQueue[BatchState] = PriorityWorkQueue()
+        # A worker takes up to this many consecutive samples of a batch per queue visit:
+        # half of an even share, so cheap samples cost fewer lock round-trips while a
+        # batch still spreads over at least half the workers.
+        workers = max(1, num_workers)
+        self.share: Callable[[BatchState], int] = (
+            lambda b: max(1, len(b.indices) // (2 * workers)))
         self.ready = ReadyBuffer(in_order=in_order)
         # Set once by close(); workers check it after every task and every poll.
         self.stop = threading.Event()
@@ -159,43 +165,52 @@ def _worker_main(pool: ThreadPool, wid: int, stats: WorkerStats) -> None:
 
 def _worker_loop(pool: ThreadPool, stats: WorkerStats) -> None:
     stop = pool.stop
+    share = pool.share
     while not stop.is_set():
-        task = pool.tasks.get(POLL_S)
-        if task is CLOSED:
+        tasks = pool.tasks.get(POLL_S, max_items=share)
+        if tasks is CLOSED:
             return
-        if task is None:
+        if tasks is None:
             continue
-        _, pos, batch = task
-        with batch.lock:
-            if batch.error is not None:  # batch already failed: drop its other tasks
-                continue
-        index = batch.indices[pos]
-        stats.current_index = index
-        try:
-            value = pool._fetch(index, batch, stats, stop)
-        except BaseException as exc:
-            stats.current_index = None
-            pool._on_progress()
-            with batch.lock:
-                first = batch.error is None and not batch.done
-                if first:
-                    batch.error = exc
-                    batch.done = True
-            if first:
-                pool.ready.put(batch.ordinal, batch)
-            continue
+        for _, pos, batch in tasks:
+            if stop.is_set():
+                return
+            _run_task(pool, stats, stop, pos, batch)
+
+
+def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: int,
+              batch: BatchState) -> None:
+    """Load one sample of ``batch``; the worker completing the batch finishes it."""
+    with batch.lock:
+        if batch.error is not None:  # batch already failed: drop its other tasks
+            return
+    index = batch.indices[pos]
+    stats.current_index = index
+    try:
+        value = pool._fetch(index, batch, stats, stop)
+    except BaseException as exc:
         stats.current_index = None
         pool._on_progress()
         with batch.lock:
-            if batch.error is not None:
-                continue
-            batch.results[pos] = value
-            batch.remaining -= 1
-            complete = batch.remaining == 0
-        if complete:
-            try:
-                pool._finish(batch, stats)
-            except BaseException as exc:
+            first = batch.error is None and not batch.done
+            if first:
                 batch.error = exc
-            batch.done = True
+                batch.done = True
+        if first:
             pool.ready.put(batch.ordinal, batch)
+        return
+    stats.current_index = None
+    pool._on_progress()
+    with batch.lock:
+        if batch.error is not None:
+            return
+        batch.results[pos] = value
+        batch.remaining -= 1
+        complete = batch.remaining == 0
+    if complete:
+        try:
+            pool._finish(batch, stats)
+        except BaseException as exc:
+            batch.error = exc
+        batch.done = True
+        pool.ready.put(batch.ordinal, batch)

@@ -561,8 +561,8 @@ def probe(
        (``lts-probe-0``/``-1``, joined before returning) and the speedup is
        ``serial wall per sample * count / concurrent wall``.
     3. Choice, with ``ratio = cpu / wall`` of a serial sample: tiny samples
-       (< 0.2 ms) get two threads (loader overhead dominates; processes would
-       add IPC); ``"process"`` with ``num_workers = cpu_count`` when the samples
+       (< 0.2 ms) are loaded inline, ``num_workers=0`` (handing them to a thread
+       costs more than loading them; processes would add IPC); ``"process"`` with ``num_workers = cpu_count`` when the samples
        are CPU-heavy (``ratio >= 0.5``), take at least 1 ms, two threads give
        less than a 1.3x speedup *and* burn at most ~1.3 cores of process CPU
        meanwhile (``process_clock``): the GIL serialises them. Samples that
@@ -644,10 +644,9 @@ def probe(
         "cpu_count": cpu_count,
     }
     if wall < _TINY_SAMPLE_S:
-        workers = min(cpu_count, max_workers, 2)
-        evidence["reason"] = (f"tiny samples ({1e6 * wall:.0f} us): per-batch overhead dominates, "
-                              f"{workers} threads, no processes")
-        return ProbeResult("thread", workers, 2, evidence)
+        evidence["reason"] = (f"tiny samples ({1e6 * wall:.0f} us): handing them to threads or "
+                              f"processes costs more than loading them, so load inline")
+        return ProbeResult("thread", 0, 2, evidence)
     # GIL-bound: CPU-heavy samples that two threads cannot speed up AND whose two threads
     # burn no more than about one core of process CPU (the GIL lets one run at a time).
     # The last test keeps samples that already use several cores (torch intra-op

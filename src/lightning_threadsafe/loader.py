@@ -573,7 +573,8 @@ class ThreadedDataLoader(Generic[T]):
         """
         self._resolve_auto()
         self._ensure_tuner()
-        from lightning_threadsafe.autotune import Settings
+        from lightning_threadsafe.autotune import Decision, Settings
+        from lightning_threadsafe.bottleneck import Bottleneck
 
         snap = self._manager.snapshot(**self._gauges())
         start = self._window_start if self._window_start is not None else self._manager._created
@@ -587,7 +588,14 @@ class ThreadedDataLoader(Generic[T]):
             prefetch=int(self._settings["prefetch_factor"]),
             executor=str(self._settings["executor"]),
         )
-        decision = self._tuner.step(window, verdict, current)
+        if current.num_workers == 0 and verdict.code != Bottleneck.IO:
+            # Inline loading was chosen for samples too cheap to hand to threads; only
+            # waiting on I/O (which threads overlap) is a reason to leave it.
+            decision = Decision(current, current, {}, f"{verdict.name}: inline loading kept "
+                                "(samples too cheap for worker threads)", "hold",
+                                int(verdict.code), verdict.name, window.samples_per_sec)
+        else:
+            decision = self._tuner.step(window, verdict, current)
         out = decision.to_dict()
         out["verdict"] = verdict.to_dict()
         out["window"] = window.to_dict()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,9 +36,8 @@ __all__ = ["SampleContext", "current_sample_context", "sample_context", "sample_
 _MASK64 = (1 << 64) - 1
 
 
-@dataclass(frozen=True)
-class SampleContext:
-    """Identity of the sample being loaded on this thread."""
+class SampleContext(NamedTuple):
+    """Identity of the sample being loaded on this thread (immutable; cheap to create)."""
 
     seed: int
     epoch: int
@@ -68,6 +67,8 @@ def sample_context(seed: int, epoch: int, index: int) -> Iterator[SampleContext]
 
 
 def _index_key(index: object) -> int:
+    if type(index) is int:  # the hot path: plain int indices
+        return index
     if isinstance(index, (int, np.integer)):
         return int(index)
     # Non-integer keys (strings, tuples): a stable hash that does not depend on
