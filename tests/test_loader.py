@@ -551,3 +551,32 @@ def test_counts_are_exact_under_many_threads():
     got = flat_indices(list(loader))
     assert collections.Counter(got) == collections.Counter(range(500))
     assert collections.Counter(ds.seen) == collections.Counter(range(500))
+
+
+# --------------------------------------------------------------------------- "auto"
+
+
+@pytest.mark.parametrize("batch_size", [3, 16])
+def test_auto_settings_keep_the_probed_samples_and_the_exact_batches(batch_size):
+    ds = AugmentedDataset(40, max_delay_ms=1.0)
+    ref = list(ThreadedDataLoader(ds, batch_size=batch_size, shuffle=True, seed=4))
+    loader = ThreadedDataLoader(ds, batch_size=batch_size, shuffle=True, seed=4,
+                                num_workers="auto", prefetch_factor="auto", executor="auto")
+    got = list(loader)
+    assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in ref]
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(got, ref))
+    report = loader.get_thread_safety_performance_report()
+    assert report["probe"]["executor"] in ("thread", "process")
+    assert isinstance(report["settings"]["num_workers"], int)
+    # the probe's 8 samples were not loaded twice
+    assert report["totals"]["samples"] == 40
+
+
+def test_a_failing_sample_inside_the_probe_window_gets_the_error_policy():
+    ds = FailingDataset(20, {2})
+    loader = ThreadedDataLoader(ds, batch_size=4, num_workers="auto", on_error="skip")
+    assert _as_lists(loader) == [[0, 1, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15],
+                                 [16, 17, 18, 19]]
+    assert "failing sample" in loader.get_thread_safety_performance_report()["probe"]["evidence"][
+        "reason"]
+    assert loader.get_thread_safety_performance_report()["errors"]["skipped_indices"] == [2]

@@ -598,33 +598,38 @@ def train_script(tmp_path: Path) -> Path:
 def test_sigkill_at_random_points_then_resume_trains_every_sample_once(tmp_path, train_script):
     """A Lightning run SIGKILLed 3 times from outside, at pseudo-random points, then resumed.
 
-    Kill points (seeded): once the trained log reaches a step in 3..6 (epoch 0),
-    once the *load* log has grown by 6..14 lines (mid-load, the loader running
-    ahead of training), and once the trained log reaches a step in 16..20 (epoch
-    1). They stay clear of the epoch boundary, which has its own deterministic
-    test below. Each run resumes from ``last.ckpt``; the final one finishes.
+    Kill points (seeded): once the trained log reaches a step in 2..4 (epoch 0),
+    once the *load* log has grown by 4..10 lines after the second run started
+    training (mid-load: the loader runs ahead of training), and once the trained
+    log reaches a step in 16..20 (epoch 1). Where exactly the process dies
+    depends on timing; the invariant must hold wherever it does. The points stay
+    clear of the epoch boundary, which has its own deterministic test below.
+    Each run resumes from ``last.ckpt``; the fourth one finishes.
     """
     out = tmp_path / "run"
     out.mkdir()
     trained, loaded = out / "trained.log", out / "loaded.log"
     rng = random.Random(SEED)
-    first_stop, load_growth, last_stop = rng.randint(3, 6), rng.randint(6, 14), rng.randint(16, 20)
+    first_stop, load_growth, last_stop = rng.randint(2, 4), rng.randint(4, 10), rng.randint(16, 20)
 
     def reached(step: int) -> Callable[[], bool]:
         return lambda: any(s >= step for _, s, _ in _steps_in(_read_lines(trained)))
 
+    def runs_started() -> int:
+        return sum(line.startswith("start") for line in _read_lines(trained))
+
     run = _Run(out, train_script)
-    assert _wait_for(reached(first_stop), run)
+    assert _wait_for(reached(first_stop), run), run.stderr_tail()
     assert run.kill() == -signal.SIGKILL
 
     run = _Run(out, train_script)
-    assert _wait_for(lambda: len(_read_lines(trained)) > len(_steps_in(_read_lines(trained))) + 1, run)
+    assert _wait_for(lambda: runs_started() == 2, run), run.stderr_tail()
     base = len(_read_lines(loaded))  # the second run has started training: count its loads
-    assert _wait_for(lambda: len(_read_lines(loaded)) >= base + load_growth, run)
+    assert _wait_for(lambda: len(_read_lines(loaded)) >= base + load_growth, run), run.stderr_tail()
     assert run.kill() == -signal.SIGKILL
 
     run = _Run(out, train_script)
-    assert _wait_for(reached(last_stop), run)
+    assert _wait_for(reached(last_stop), run), run.stderr_tail()
     assert run.kill() == -signal.SIGKILL
 
     run = _Run(out, train_script)

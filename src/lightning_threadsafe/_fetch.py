@@ -16,7 +16,7 @@ from lightning_threadsafe import rng as _rng
 from lightning_threadsafe.errors import SampleLoadError
 from lightning_threadsafe.telemetry import WorkerStats
 
-__all__ = ["SKIPPED", "FetchPolicy", "Skipped", "load_many", "load_sample"]
+__all__ = ["FetchPolicy", "Skipped", "load_many", "load_sample"]
 
 _MAX_BACKOFF_S = 2.0
 _CPU_TIMING_MIN_S = 50e-6  # mean sample wall time below which thread CPU is not read
@@ -42,7 +42,6 @@ class Skipped:
     attempts: int
 
 
-SKIPPED = Skipped  # the type doubles as the check: isinstance(x, SKIPPED)
 
 
 def _describe(exc: BaseException) -> str:

@@ -52,9 +52,6 @@ class BaseIterator(Iterator[T]):
         return {"epoch": self.epoch, "delivered": list(self._delivered),
                 "generator_state": self._generator_state}
 
-    def thread_count(self) -> int:
-        return 0
-
     def queue_depth(self) -> int:
         return 0
 
@@ -155,6 +152,9 @@ def _thread_init_fn(fn: Callable[[int], None] | None) -> Callable[[int], None] |
     return fn
 
 
+_NOTHING = object()  # "no prefilled sample here" (None is a valid sample)
+
+
 class Empty:
     """Payload of a batch whose every sample was skipped: counted as delivered, not yielded."""
 
@@ -174,8 +174,11 @@ class ThreadIterator(BaseIterator[T]):
         generator_state: list[int] | None,
         *,
         in_order: bool | None = None,
+        prefilled: dict[tuple[int, int], Any] | None = None,
     ) -> None:
         super().__init__(loader, epoch, resumed, generator_state)
+        # Samples the "auto" probe already loaded: {(ordinal, position): sample}.
+        self._prefilled = dict(prefilled or {})
         self._source = source
         self._source_done = False
         self._in_order = loader.in_order if in_order is None else in_order
@@ -225,9 +228,6 @@ class ThreadIterator(BaseIterator[T]):
 
     # -- gauges -----------------------------------------------------------------
 
-    def thread_count(self) -> int:
-        return len(self._pool.workers) if self._pool is not None and not self._finished else 0
-
     def queue_depth(self) -> int:
         return len(self._pool.ready) if self._pool is not None else 0
 
@@ -253,11 +253,39 @@ class ThreadIterator(BaseIterator[T]):
             batch = BatchState(ordinal, list(indices))
             self._batches[ordinal] = batch
             self._outstanding.append(ordinal)
-            if not batch.indices:
-                batch.payload, batch.done = EMPTY, True
+            missing = self._fill_prefilled(batch)
+            if missing:
+                self._pool.submit(batch, missing)
+            else:  # empty, or fully loaded by the probe: finish it here
+                if batch.indices:
+                    self._finish_here(batch)
+                else:
+                    batch.payload = EMPTY
+                batch.done = True
                 self._pool.ready.put(ordinal, batch)
+
+    def _fill_prefilled(self, batch: BatchState) -> list[int]:
+        """Put the probe's samples of ``batch`` in place; return the positions still to load."""
+        if not self._prefilled:
+            return list(range(len(batch.indices)))
+        missing = []
+        for pos in range(len(batch.indices)):
+            value = self._prefilled.pop((batch.ordinal, pos), _NOTHING)
+            if value is _NOTHING:
+                missing.append(pos)
             else:
-                self._pool.submit(batch)
+                batch.results[pos] = value
+                batch.remaining -= 1
+        return missing
+
+    def _finish_here(self, batch: BatchState) -> None:
+        loader = self._loader_ref()
+        if loader is None:
+            raise StopIteration
+        try:
+            finish_batch(loader, batch, None, self._stager)
+        except SampleLoadError as exc:
+            batch.error = exc
 
     # -- next ---------------------------------------------------------------------
 
@@ -301,9 +329,16 @@ class ThreadIterator(BaseIterator[T]):
             raise StopIteration from None
         batch = BatchState(ordinal, list(indices))
         assert self._inline_stats is not None
-        batch.results = load_many(loader.dataset, batch.indices, epoch=self.epoch,
-                                  policy=loader._policy, stats=self._inline_stats,
-                                  ordinal=ordinal)
+        missing = self._fill_prefilled(batch)
+        if len(missing) == len(batch.indices):
+            batch.results = load_many(loader.dataset, batch.indices, epoch=self.epoch,
+                                      policy=loader._policy, stats=self._inline_stats,
+                                      ordinal=ordinal)
+        else:
+            for pos, value in zip(missing, load_many(
+                    loader.dataset, [batch.indices[p] for p in missing], epoch=self.epoch,
+                    policy=loader._policy, stats=self._inline_stats, ordinal=ordinal)):
+                batch.results[pos] = value
         finish_batch(loader, batch, self._inline_stats, self._stager, account=False)
         return self._deliver(batch)
 
@@ -347,9 +382,7 @@ class ThreadIterator(BaseIterator[T]):
         if self._stager is not None:
             t0 = time.perf_counter()
             payload = self._stager.handoff(payload)
-            self._telemetry.collate_s_consumer += 0.0
-            if self._inline_stats is not None:
-                self._inline_stats.transfer_s += time.perf_counter() - t0
+            self._telemetry.transfer_s_consumer += time.perf_counter() - t0
         return payload
 
     def close(self) -> None:

@@ -236,10 +236,6 @@ class ProcessIterator(BaseIterator[T]):
             self._exit(entered)
             return batch
 
-    def thread_count(self) -> int:
-        loader = self._loader_ref()
-        return int(loader._settings["num_workers"]) if loader is not None and not self._finished else 0
-
     def close(self) -> None:
         self._finished = True
         self._finalizer()

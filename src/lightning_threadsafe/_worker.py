@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from lightning_threadsafe.errors import SampleLoadError
@@ -114,8 +114,9 @@ class ThreadPool:
         for t, _ in self.workers:
             t.start()
 
-    def submit(self, batch: BatchState) -> None:
-        self.tasks.put_batch(batch.ordinal, [batch] * len(batch.indices))
+    def submit(self, batch: BatchState, positions: list[int]) -> None:
+        """Queue the samples of ``batch`` at ``positions`` (the others are already loaded)."""
+        self.tasks.put_batch(batch.ordinal, positions, batch)
 
     def close(self, timeout: float = 10.0) -> list[str]:
         """Stop and join the workers (idempotent). Returns names of threads still alive.
@@ -138,8 +139,6 @@ class ThreadPool:
         self.ready.drain()
         return alive
 
-    def iter_workers(self) -> Iterator[tuple[threading.Thread, WorkerStats]]:
-        return iter(self.workers)
 
 
 def _worker_main(pool: ThreadPool, wid: int, stats: WorkerStats) -> None:

@@ -25,8 +25,10 @@ Guarantees (tested):
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +49,7 @@ from lightning_threadsafe.config import (
     check_timeout,
     parse_size,
 )
+from lightning_threadsafe.errors import SampleLoadError
 from lightning_threadsafe.manager import ThreadSafetyManager
 from lightning_threadsafe.sampler import BatchPlan, DistributedInfo
 
@@ -55,6 +58,7 @@ __all__ = ["ThreadedDataLoader"]
 T = TypeVar("T")
 
 _STATE_VERSION = 1
+_PROBE_SAMPLES = 8  # samples the "auto" probe times (half serially, half on two threads)
 
 
 def _usable_cpus() -> int:
@@ -376,7 +380,6 @@ class ThreadedDataLoader(Generic[T]):
         current = self._current() if self._current is not None else None
         if current is not None:
             current.close()  # like torch: a new iteration replaces the old one
-        self._resolve_auto()
         # The epoch (and a pending resume) is only used up once this iterator delivers
         # or finishes (_epoch_started): Lightning calls iter() to probe a loader and
         # creates the first epoch's iterator before set_epoch(0); neither may skip an epoch.
@@ -392,6 +395,9 @@ class ThreadedDataLoader(Generic[T]):
             _draw_seed(self.generator)  # torch draws a base seed from the generator per iterator
         skip = set(resume["delivered"]) if resume is not None else set()
         source = self._source(epoch, skip)
+        prefilled: dict[tuple[int, int], Any] = {}
+        if self._needs_probe():
+            source, prefilled = self._probe_first_batches(source, epoch)
         executor = self._settings["executor"]
         it: BaseIterator
         if self._iterable:
@@ -399,7 +405,8 @@ class ThreadedDataLoader(Generic[T]):
         elif executor == "process" and int(self._settings["num_workers"]) > 0:
             it = ProcessIterator(self, epoch, source, sorted(skip), generator_state)
         else:
-            it = ThreadIterator(self, epoch, source, sorted(skip), generator_state)
+            it = ThreadIterator(self, epoch, source, sorted(skip), generator_state,
+                                prefilled=prefilled)
         self._current = weakref.ref(it)
         return it
 
@@ -414,22 +421,12 @@ class ThreadedDataLoader(Generic[T]):
             if ordinal not in skip:
                 yield ordinal, indices
 
-    def _resolve_auto(self) -> None:
+    def _needs_probe(self) -> bool:
         s = self._settings
-        if "auto" not in (s["num_workers"], s["prefetch_factor"], s["executor"]):
-            return
-        from lightning_threadsafe.autotune import probe
+        return "auto" in (s["num_workers"], s["prefetch_factor"], s["executor"])
 
-        n = len(self.dataset) if hasattr(self.dataset, "__len__") and not self._iterable else 0
-        indices = list(range(min(n, 8)))
-        if not indices or self._iterable:
-            result = {"executor": "thread", "num_workers": _usable_cpus(), "prefetch": 2,
-                      "evidence": {"reason": "no indices to probe"}}
-        else:
-            def load(i: int) -> Any:
-                return load_sample(self.dataset, i, epoch=0, policy=self._policy)
-
-            result = probe(load, indices, cpu_count=_usable_cpus()).to_dict()
+    def _apply_probe(self, result: dict[str, Any]) -> None:
+        s = self._settings
         self._probe = result
         if s["executor"] == "auto":
             s["executor"] = result["executor"]
@@ -437,6 +434,66 @@ class ThreadedDataLoader(Generic[T]):
             s["num_workers"] = int(result["num_workers"])
         if s["prefetch_factor"] == "auto":
             s["prefetch_factor"] = int(result["prefetch"])
+
+    def _resolve_auto(self) -> None:
+        """Resolve "auto" settings outside an epoch (probing the first few indices)."""
+        if not self._needs_probe():
+            return
+        n = len(self.dataset) if hasattr(self.dataset, "__len__") and not self._iterable else 0
+        source = iter([(0, list(range(min(n, _PROBE_SAMPLES))))] if n else [])
+        self._probe_first_batches(source, epoch=0)
+
+    def _probe_first_batches(
+        self, source: Iterator[tuple[int, list[Any]]], epoch: int
+    ) -> tuple[Iterator[tuple[int, list[Any]]], dict[tuple[int, int], Any]]:
+        """Resolve "auto" by probing the epoch's first samples, and keep what was loaded.
+
+        The probe loads the first ``_PROBE_SAMPLES`` samples of the epoch's plan
+        (timed serially, then on two threads) under their real sample context, so
+        the values are exactly what the workers would produce: they are returned
+        as ``{(ordinal, position): sample}`` and the first batches start
+        half-loaded -- the probe costs the time to first batch almost nothing. A
+        failing sample ends the probe (default settings apply) and is loaded
+        again by the workers under the error policy.
+        """
+        from lightning_threadsafe.autotune import probe
+
+        head: list[tuple[int, list[Any]]] = []
+        slots: list[tuple[int, int, Any]] = []
+        if not self._iterable:
+            for ordinal, indices in source:
+                head.append((ordinal, indices))
+                slots.extend((ordinal, pos, i) for pos, i in enumerate(indices))
+                if len(slots) >= _PROBE_SAMPLES:
+                    break
+        slots = slots[:_PROBE_SAMPLES]
+        rest = itertools.chain(head, source)
+        loaded: dict[tuple[int, int], Any] = {}
+        if len(slots) < 4:
+            self._apply_probe({"executor": "thread", "num_workers": _usable_cpus(), "prefetch": 2,
+                               "evidence": {"reason": "too few samples to probe"}})
+            return rest, loaded
+        strict = FetchPolicy(seed=self.seed, on_error="raise", max_retries=0)
+        stats = self._manager.telemetry.register("lts-probe")
+        lock = threading.Lock()  # guards loaded (the probe loads on two threads)
+
+        def load(k: int) -> None:
+            ordinal, pos, index = slots[k]
+            value = load_sample(self.dataset, index, epoch=epoch, policy=strict, stats=stats)
+            with lock:
+                loaded[(ordinal, pos)] = value
+
+        try:
+            result = probe(load, range(len(slots)), cpu_count=_usable_cpus()).to_dict()
+        except SampleLoadError as exc:
+            result = {"executor": "thread", "num_workers": _usable_cpus(), "prefetch": 2,
+                      "evidence": {"reason": f"probe stopped by a failing sample: {exc}"}}
+        finally:
+            self._manager.telemetry.retire(stats)
+        self._apply_probe(result)
+        if self._settings["executor"] == "process":
+            loaded = {}  # torch's workers load everything themselves
+        return rest, loaded
 
     # ------------------------------------------------------------------ state
 

@@ -46,14 +46,14 @@ class PriorityWorkQueue(Generic[T]):
         self._heap: list[tuple[int, int, T]] = []
         self._closed = False
 
-    def put_batch(self, ordinal: int, payloads: list[T]) -> None:
-        """Add one task per payload (position = list position) and wake that many workers."""
+    def put_batch(self, ordinal: int, positions: list[int], payload: T) -> None:
+        """Add one task per position of batch ``ordinal`` and wake that many workers."""
         with self._cv:
             if self._closed:
                 return
-            for pos, p in enumerate(payloads):
-                heapq.heappush(self._heap, (ordinal, pos, p))
-            self._cv.notify(len(payloads))
+            for pos in positions:
+                heapq.heappush(self._heap, (ordinal, pos, payload))
+            self._cv.notify(len(positions))
 
     def get(self, timeout: float, *, max_items: Callable[[T], int] | None = None
             ) -> list[tuple[int, int, T]] | Any | None:

@@ -198,7 +198,7 @@ class LoaderTelemetry:
         self.delivered = 0
         self.wait_s = 0.0
         self.consumer_s = 0.0
-        self.collate_s_consumer = 0.0
+        self.transfer_s_consumer = 0.0  # waiting on staged batches' CUDA events at hand-off
 
     def register(self, name: str) -> WorkerStats:
         stats = WorkerStats(name)
@@ -230,7 +230,7 @@ class LoaderTelemetry:
         for w in everyone:
             for k in tot:
                 tot[k] += getattr(w, k)
-        tot["collate_s"] += self.collate_s_consumer
+        tot["transfer_s"] += self.transfer_s_consumer
         gauges.setdefault("busy_workers", busy)
         return TelemetrySnapshot(
             time=self.clock(), batches=self.batches, delivered=self.delivered, wait_s=self.wait_s,
