@@ -570,7 +570,8 @@ def probe(
        machine show more process CPU or no GIL signature and stay on threads.
        Otherwise ``"thread"`` with
        ``num_workers = ceil(cpu_count / ratio)`` — the threads that keep every core
-       busy while the others wait on I/O (``cpu_count`` for CPU-bound samples) —
+       busy while the others wait on I/O (``cpu_count`` for CPU-bound samples;
+       ``ratio`` is the lower of the serial and the warmer concurrent phase) —
        capped at ``max_workers`` (default ``min(64, 8 * cpu_count)``).
        ``prefetch`` is 2 per worker (torch's default ``prefetch_factor``); with
        ``prefetch_per_worker=False`` and a ``batch_size`` in thread mode it is the
@@ -626,10 +627,19 @@ def probe(
 
     speedup: float | None = None
     process_cores: float | None = None
+    evidence_concurrent_ratio = None
     if cpu_count >= 2:
         t0, p0 = clock(), process_clock()
-        _load_in_two_threads(load, concurrent)
+        c_wall, c_cpu = _load_in_two_threads(load, concurrent, clock, thread_clock)
         elapsed = clock() - t0
+        # The serial samples come first and pay the cold start (page faults, pools
+        # spinning up), which inflates their CPU share; the concurrent ones are warmer.
+        # Size threads from the lower CPU share of the two phases.
+        if c_wall > 0:
+            concurrent_ratio = min(c_cpu / c_wall, 1.0)
+            evidence_concurrent_ratio: float | None = concurrent_ratio
+        else:
+            evidence_concurrent_ratio = None
         speedup = wall * len(concurrent) / elapsed if elapsed > 0 else 2.0
         process_cores = (process_clock() - p0) / elapsed if elapsed > 0 else None
 
@@ -639,6 +649,7 @@ def probe(
         "cpu_wall_ratio": ratio,
         "speedup_2_threads": speedup,
         "process_cores_2_threads": process_cores,
+        "concurrent_cpu_wall_ratio": evidence_concurrent_ratio,
         "samples_serial": len(serial),
         "samples_concurrent": len(concurrent) if speedup is not None else 0,
         "cpu_count": cpu_count,
@@ -663,8 +674,9 @@ def probe(
                               f"{speedup:.2f}x from two threads, which burn "
                               f"{process_cores or 0:.2f} cores: GIL-bound")
         return ProbeResult("process", workers, 2, evidence)
-    if ratio > 0:
-        workers = min(max_workers, max(1, math.ceil(cpu_count / ratio)))
+    sizing = ratio if evidence_concurrent_ratio is None else min(ratio, evidence_concurrent_ratio)
+    if sizing > 0:
+        workers = min(max_workers, max(1, math.ceil(cpu_count / sizing)))
     else:
         workers = max_workers
     prefetch = 2
@@ -675,8 +687,15 @@ def probe(
     return ProbeResult("thread", workers, prefetch, evidence)
 
 
-def _load_in_two_threads(load: Callable[[int], object], indices: Sequence[int]) -> None:
-    """Load ``indices`` with two threads; re-raise the first exception of ``load``."""
+def _load_in_two_threads(load: Callable[[int], object], indices: Sequence[int],
+                         clock: Callable[[], float] = time.perf_counter,
+                         thread_clock: Callable[[], float] = time.thread_time,
+                         ) -> tuple[float, float]:
+    """Load ``indices`` with two threads; re-raise the first exception of ``load``.
+
+    Returns the summed per-sample ``(wall, thread CPU)`` seconds of the loads.
+    """
+    totals = [0.0, 0.0]  # guarded by errors_lock
     # stop: set by the first failing thread (or an interrupted caller); each thread
     # checks it between samples. errors: appended by threads, read after the join.
     stop = threading.Event()
@@ -687,6 +706,7 @@ def _load_in_two_threads(load: Callable[[int], object], indices: Sequence[int]) 
         for i in part:
             if stop.is_set():
                 return
+            w0, c0 = clock(), thread_clock()
             try:
                 load(i)
             except BaseException as exc:
@@ -694,6 +714,10 @@ def _load_in_two_threads(load: Callable[[int], object], indices: Sequence[int]) 
                     errors.append(exc)
                 stop.set()
                 return
+            w, c = clock() - w0, thread_clock() - c0
+            with errors_lock:
+                totals[0] += w
+                totals[1] += c
 
     threads = [threading.Thread(target=run, args=(indices[n::2],), name=f"lts-probe-{n}",
                                 daemon=True) for n in range(2)]
@@ -711,3 +735,4 @@ def _load_in_two_threads(load: Callable[[int], object], indices: Sequence[int]) 
         first = errors[0] if errors else None
     if first is not None:
         raise first
+    return totals[0], totals[1]
