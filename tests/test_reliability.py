@@ -110,18 +110,17 @@ def _stress_run(*, in_order: bool, num_workers: int = 32) -> tuple[list[list[Bat
 
 
 @pytest.fixture(scope="module")
-def stress_reference() -> list[list[Batch]]:
+def stress_reference() -> tuple[list[list[Batch]], dict[str, Any]]:
     """The in-order run both stress tests compare against (computed once per module)."""
-    epochs, _ = _stress_run(in_order=True)
-    return epochs
+    return _stress_run(in_order=True)
 
 
 def _check_stress_epochs(epochs: list[list[Batch]], report: dict[str, Any]) -> None:
     for batches in epochs:
         indices = [i for idx, _ in batches for i in idx]
         assert len(indices) == N_STRESS and sorted(indices) == list(range(N_STRESS))
-    orders = [[idx for idx, _ in batches] for batches in epochs]
-    assert orders[0] != orders[1] != orders[2], "each epoch must reshuffle"
+    orders = {tuple(idx for idx, _ in batches) for batches in epochs}
+    assert len(orders) == STRESS_EPOCHS, "each epoch must reshuffle"
     assert report["memory"]["throttle_events"] > 0, "the budget must have throttled prefetching"
     assert report["totals"]["samples"] == N_STRESS * STRESS_EPOCHS
     assert report["errors"]["raised"] == report["errors"]["skipped"] == 0
@@ -139,10 +138,11 @@ def test_stress_exactly_once_throttled_and_identical_across_runs(in_order, stres
     ``in_order=False``: the run gives the same batches as the in-order reference,
     as a multiset per epoch (delivery order is completion order).
     """
+    reference, reference_report = stress_reference
+    _check_stress_epochs(reference, reference_report)
     epochs, report = _stress_run(in_order=in_order)
     _check_stress_epochs(epochs, report)
-    _check_stress_epochs(stress_reference, report)
-    for got, want in zip(epochs, stress_reference, strict=True):
+    for got, want in zip(epochs, reference, strict=True):
         if in_order:
             assert got == want
         else:
@@ -157,7 +157,6 @@ EXECUTOR_CASES = [
     pytest.param("thread", 3, id="threads"),
     pytest.param("process", 2, id="processes"),
 ]
-THREAD_CASES = EXECUTOR_CASES[:2]
 
 
 def _loader(dataset: Any, executor: str, num_workers: int, **kwargs: Any) -> ThreadedDataLoader[Any]:
@@ -300,22 +299,23 @@ def test_blocked_sample_raises_stall_error_then_recovers(executor, num_workers):
     ds = GatedDataset(16, block_at=6)
     loader = _loader(ds, executor, num_workers, stall_timeout=0.5)
     try:
-        got, err = _collect_until_error(loader)
+        try:
+            got, err = _collect_until_error(loader)
+        finally:
+            ds.open()  # release the blocked sample so its worker can exit
+            loader.cleanup_thread_safety_resources()
         assert isinstance(err, LoaderStallError), err
-        assert err.stall_timeout == 0.5
-        assert ds.wait_entered(timeout=0)
+        assert err.stall_timeout == 0.5 and ds.wait_entered(timeout=0)
         assert got == [[0, 1, 2, 3]]
         if executor == "thread":
             stuck = [name for name, index in err.stuck.items() if index == 6]
             assert len(stuck) == 1 and "select" in err.stacks[stuck[0]]
-            assert "6" in str(err)
-        assert loader.get_thread_safety_performance_report()["stalls"] or executor == "process"
+            assert f"--- {stuck[0]} (index 6) ---" in str(err)
+            assert loader.get_thread_safety_performance_report()["stalls"]
+        assert flat_indices(list(loader)) == list(range(16))
+        _assert_no_workers_left()
     finally:
-        ds.open()  # release the blocked sample so its worker can exit
-        loader.cleanup_thread_safety_resources()
-    assert flat_indices(list(loader)) == list(range(16))
-    _assert_no_workers_left()
-    ds.close()
+        ds.close()
 
 
 @pytest.mark.timeout(60)
@@ -382,13 +382,27 @@ def test_collate_returning_a_broken_object_fails_where_it_is_used(executor, num_
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: finish_batch (_iterators.py) sizes and pins collate_fn's result outside its "
-    "try/except, so an error there reaches the consumer bare, without the batch"))
-@pytest.mark.parametrize(("executor", "num_workers"), THREAD_CASES)
-def test_collate_result_that_breaks_memory_accounting_names_the_batch(executor, num_workers):
-    """A batch the memory governor cannot measure: SampleLoadError naming the batch, cause chained."""
+@pytest.mark.parametrize(("executor", "num_workers"), [EXECUTOR_CASES[0], EXECUTOR_CASES[2]])
+def test_collate_result_nothing_measures_is_passed_through(executor, num_workers):
+    """Inline and process batches are not sized for the budget: an unwalkable batch arrives intact."""
     loader = _loader(RangeDataset(8), executor, num_workers, memory_budget="1GiB",
+                     collate_fn=collate_returns_unsized_mapping)
+    batches = list(loader)
+    assert [dict.__getitem__(b, "index").flatten().tolist() for b in batches] == \
+        [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(RuntimeError, match="tripwire"):
+        batches[0].values()
+    _assert_no_workers_left()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: finish_batch (_iterators.py) sizes the collated batch for the memory governor "
+    "(MemoryGovernor.nbytes_of) outside the try/except that wraps collate_fn, so an error "
+    "there reaches the consumer bare, without the batch"))
+def test_collate_result_that_breaks_memory_accounting_names_the_batch():
+    """Threads size each batch for the budget; a batch that cannot be sized: SampleLoadError naming it."""
+    loader = _loader(RangeDataset(8), "thread", 3, memory_budget="1GiB",
                      collate_fn=collate_returns_unsized_mapping)
     _, err = _collect_until_error(loader)
     assert isinstance(err, SampleLoadError), repr(err)
@@ -790,7 +804,7 @@ def test_memory_budget_holds_when_samples_grow():
 
 # =============================================================================== 5. bad input
 
-HYPOTHESIS = settings(max_examples=40, deadline=None, derandomize=True,
+HYPOTHESIS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                       suppress_health_check=[HealthCheck.function_scoped_fixture,
                                              HealthCheck.too_slow])
 
@@ -942,6 +956,22 @@ def test_fractional_memory_budget_above_one_is_rejected(value):
         ThreadedDataLoader(RangeDataset(10), memory_budget=value)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: _process.py passes stall_timeout to torch as its DataLoader timeout unclamped; "
+    "above ~2.1e6 s (2**31 ms) the worker queue's poll() raises OverflowError"))
+def test_very_long_stall_timeout_works_with_process_workers():
+    """``stall_timeout`` is validated as any finite number > 0; a huge one means "never" everywhere."""
+    loader = ThreadedDataLoader(RangeDataset(10), batch_size=4, num_workers=1, executor="process",
+                                stall_timeout=1e9)
+    assert flat_indices(list(loader)) == list(range(10))
+
+
+def test_very_long_stall_timeout_works_with_threads():
+    loader = ThreadedDataLoader(RangeDataset(10), batch_size=4, num_workers=2, stall_timeout=1e9)
+    assert flat_indices(list(loader)) == list(range(10))
+
+
 _valid_budget = st.sampled_from([None, "auto", 1, 512, "64MiB", "1KiB", 0.25, "25%", 1.0, "off"])
 
 
@@ -965,7 +995,7 @@ def _valid_loader_kwargs(draw: st.DrawFn) -> dict[str, Any]:
         "skip_after_retries": draw(st.booleans()),
         "seed": draw(st.one_of(st.none(), st.integers(0, 2**63 - 1))),
         "timeout": draw(st.sampled_from([0, 0.0, 30, 60.5])),
-        "stall_timeout": draw(st.sampled_from([None, 60, 1e9])),
+        "stall_timeout": draw(st.sampled_from([None, 60, 3600.0])),
         "debug": draw(st.booleans()),
         "distributed": draw(st.sampled_from([False, "auto"])),
         "cuda_streams": draw(st.integers(1, 3)),
@@ -1060,6 +1090,7 @@ data:
 def _run_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, line: str) -> tuple[Any, str]:
     """Run ``lightning-threadsafe fit`` in-process on a config with one loader line; return (exit, stderr)."""
     monkeypatch.chdir(tmp_path)  # anything the CLI writes lands in tmp_path
+    monkeypatch.setattr(sys, "argv", ["lightning-threadsafe"])  # not pytest's arguments
     path = tmp_path / "bad.yaml"
     path.write_text(_CLI_CONFIG.format(line=line))
     from lightning_threadsafe.cli import main

@@ -80,13 +80,11 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
-from lightning_threadsafe.telemetry import TelemetryWindow
+from lightning_threadsafe.telemetry import GAUGES, TelemetryWindow
 
 __all__ = ["Bottleneck", "BottleneckDetector", "Verdict", "usable_cpu_count"]
 
-# Window fields that are gauges (values at the window's end), not counters.
-_GAUGES = frozenset(("threads", "prefetch", "queue_depth", "bytes_in_flight", "rss_bytes",
-                     "busy_workers"))
+
 
 
 def usable_cpu_count() -> int:
@@ -258,7 +256,7 @@ class BottleneckDetector:
             return
         acc = self._acc
         merged = {
-            f.name: getattr(window, f.name) if f.name in _GAUGES
+            f.name: getattr(window, f.name) if f.name in GAUGES
             else getattr(acc, f.name) + getattr(window, f.name)
             for f in dataclasses.fields(TelemetryWindow)
         }

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
-__all__ = ["LoaderTelemetry", "TelemetrySnapshot", "TelemetryWindow", "WorkerStats"]
+__all__ = ["GAUGES", "LoaderTelemetry", "TelemetrySnapshot", "TelemetryWindow", "WorkerStats"]
 
 
 class WorkerStats:
@@ -43,25 +43,27 @@ class WorkerStats:
         self.current_index: object | None = None
 
 
-@dataclass(frozen=True)
-class TelemetrySnapshot:
-    """Cumulative loader counters at ``time`` (monotonic seconds).
+GAUGES = frozenset(("threads", "prefetch", "queue_depth", "bytes_in_flight", "rss_bytes",
+                    "busy_workers"))
 
-    Fields (all cumulative unless marked *gauge*):
+
+@dataclass(frozen=True)
+class _Counters:
+    """The loader counters shared by snapshots (cumulative) and windows (differences).
+
+    Fields (cumulative unless marked *gauge*):
         samples: samples loaded; fetch_wall_s / fetch_cpu_s: summed wall and
         thread-CPU seconds inside ``dataset[i]``; collate_s; transfer_s (host to
         device staging); batches / delivered: batches and samples handed to the
-        consumer; wait_s:
-        seconds the consumer spent blocked in ``next()``; consumer_s: seconds
-        the consumer spent *outside* ``next()`` (its step time);
-        errors / retries / skipped; throttle_events / throttled_s (memory
+        consumer; wait_s: seconds the consumer spent blocked in ``next()``;
+        consumer_s: seconds the consumer spent *outside* ``next()`` (its step
+        time); errors / retries / skipped; throttle_events / throttled_s (memory
         governor); process_cpu_s: psutil user+system CPU of the process.
-        Gauges: threads (worker threads), prefetch (effective look-ahead in
-        batches), queue_depth (batches ready), bytes_in_flight, rss_bytes,
-        busy_workers (workers inside a sample now).
+        Gauges (values at the end, see ``GAUGES``): threads (worker threads),
+        prefetch (effective look-ahead in batches), queue_depth (batches ready),
+        bytes_in_flight, rss_bytes, busy_workers (workers inside a sample now).
     """
 
-    time: float = 0.0
     samples: int = 0
     fetch_wall_s: float = 0.0
     fetch_cpu_s: float = 0.0
@@ -84,48 +86,30 @@ class TelemetrySnapshot:
     rss_bytes: int = 0
     busy_workers: int = 0
 
-    _GAUGES = ("threads", "prefetch", "queue_depth", "bytes_in_flight", "rss_bytes", "busy_workers")
+
+@dataclass(frozen=True)
+class TelemetrySnapshot(_Counters):
+    """Cumulative loader counters at ``time`` (monotonic seconds); see ``_Counters``."""
+
+    time: float = 0.0
 
     def delta(self, earlier: TelemetrySnapshot) -> TelemetryWindow:
         """The window from ``earlier`` to ``self`` (gauges taken from ``self``)."""
         vals = {}
-        for f in fields(self):
+        for f in fields(_Counters):
             a, b = getattr(self, f.name), getattr(earlier, f.name)
-            vals[f.name] = a if f.name in self._GAUGES else a - b
-        vals["duration_s"] = max(self.time - earlier.time, 0.0)
-        del vals["time"]
-        return TelemetryWindow(**vals)
+            vals[f.name] = a if f.name in GAUGES else a - b
+        return TelemetryWindow(duration_s=max(self.time - earlier.time, 0.0), **vals)
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
 
 @dataclass(frozen=True)
-class TelemetryWindow:
+class TelemetryWindow(_Counters):
     """Counters over a window (differences), gauges at its end, and derived rates."""
 
     duration_s: float = 0.0
-    samples: int = 0
-    fetch_wall_s: float = 0.0
-    fetch_cpu_s: float = 0.0
-    collate_s: float = 0.0
-    transfer_s: float = 0.0
-    batches: int = 0
-    delivered: int = 0
-    wait_s: float = 0.0
-    consumer_s: float = 0.0
-    errors: int = 0
-    retries: int = 0
-    skipped: int = 0
-    throttle_events: int = 0
-    throttled_s: float = 0.0
-    process_cpu_s: float = 0.0
-    threads: int = 0
-    prefetch: int = 0
-    queue_depth: int = 0
-    bytes_in_flight: int = 0
-    rss_bytes: int = 0
-    busy_workers: int = 0
 
     @property
     def samples_per_sec(self) -> float:
