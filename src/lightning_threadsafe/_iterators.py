@@ -116,19 +116,26 @@ def finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: Work
             f"collate_fn failed for batch {batch.ordinal} (indices {batch.indices}): {exc!r}",
             index=None, batch_indices=batch.indices, batch_ordinal=batch.ordinal,
         ) from exc
-    if stager is not None:
-        payload = stager.pin(payload)  # pins inside the target device's context
-    elif loader._pin:
-        payload = torch.utils.data._utils.pin_memory.pin_memory(payload)
-    t1 = time.perf_counter()
-    if stats is not None:
-        stats.collate_s += t1 - t0
-        stats.batches_collated += 1
-    gov = loader._manager.governor
-    if gov is not None and account:  # inline batches are handed over at once: nothing held
-        batch.nbytes = MemoryGovernor.nbytes_of(payload)
-        gov.observe_batch(batch.nbytes)
-        gov.add(batch.nbytes)
+    try:
+        if stager is not None:
+            payload = stager.pin(payload)  # pins inside the target device's context
+        elif loader._pin:
+            payload = torch.utils.data._utils.pin_memory.pin_memory(payload)
+        t1 = time.perf_counter()
+        if stats is not None:
+            stats.collate_s += t1 - t0
+            stats.batches_collated += 1
+        gov = loader._manager.governor
+        if gov is not None and account:  # inline batches are handed over at once: nothing held
+            batch.nbytes = MemoryGovernor.nbytes_of(payload)
+            gov.observe_batch(batch.nbytes)
+            gov.add(batch.nbytes)
+    except Exception as exc:
+        raise SampleLoadError(
+            f"the result of collate_fn for batch {batch.ordinal} (indices {batch.indices}) "
+            f"could not be pinned or measured: {exc!r}",
+            index=None, batch_indices=batch.indices, batch_ordinal=batch.ordinal,
+        ) from exc
     if stager is not None:
         payload = stager.stage(payload, batch.ordinal)
         if stats is not None:

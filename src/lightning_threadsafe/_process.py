@@ -91,10 +91,38 @@ class _Delivered:
         self.wall, self.cpu, self.collate, self.samples = wall, cpu, collate, samples
         self.retries, self.errors = retries, errors
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by the worker's queue feeder thread, where an error would only be
+        # printed and the batch lost: pickle the batch here and ship a failure instead.
+        from multiprocessing.reduction import ForkingPickler
+
+        fields = (self.ordinal, self.indices, None, self.failure, self.skipped, self.wall, self.cpu,
+                  self.collate, self.samples, self.retries, self.errors)
+        try:
+            blob = bytes(ForkingPickler.dumps(self.batch))
+        except Exception as exc:
+            import traceback
+
+            failure = _Failure(
+                f"collate_fn's result for batch {self.ordinal} (indices {self.indices}) cannot be "
+                f"pickled to leave the worker process: {exc!r}", None, 1,
+                "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+            return (_rebuild_delivered, ((*fields[:3], failure, *fields[4:]), None))
+        return (_rebuild_delivered, (fields, blob))
+
     def pin_memory(self) -> _Delivered:  # called by torch's pin-memory thread
         if self.batch is not None:
             self.batch = torch.utils.data._utils.pin_memory.pin_memory(self.batch)
         return self
+
+
+def _rebuild_delivered(fields: tuple[Any, ...], blob: bytes | None) -> _Delivered:
+    from multiprocessing.reduction import ForkingPickler
+
+    d = _Delivered(*fields)
+    if blob is not None:
+        d.batch = ForkingPickler.loads(blob)
+    return d
 
 
 class _ProcessCollate:
@@ -162,6 +190,7 @@ class ProcessIterator(BaseIterator[T]):
         settings = loader._settings
         stall = loader.stall_timeout
         timeout = loader.timeout if loader.timeout > 0 else (stall or 0)
+        timeout = min(timeout, 2_000_000.0)  # poll() takes int milliseconds (< 2**31)
         self._stall_timeout = stall if loader.timeout == 0 else None
         self._dl = torch.utils.data.DataLoader(
             _KeyedDataset(_ProcessDataset(loader.dataset, loader._policy)),

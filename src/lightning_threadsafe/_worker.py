@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -130,10 +131,11 @@ class ThreadPool:
         self.ready.close()
         me = threading.current_thread()
         alive = []
+        deadline = time.monotonic() + timeout  # one deadline for the pool, not per thread
         for t, _ in self.workers:
             if t is me:
                 continue
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 alive.append(t.name)
         self.ready.drain()

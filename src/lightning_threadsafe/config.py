@@ -57,6 +57,8 @@ def parse_size(value: int | float | str | None, *, name: str = "memory_budget") 
             raise ValueError(f"{name}={value!r} must be {allowed}")
         if value <= 1:
             return value
+        if not value.is_integer():
+            raise ValueError(f"{name}={value!r} must be {allowed}")
         return int(value)
     if isinstance(value, str):
         s = value.strip().lower()
@@ -144,11 +146,13 @@ class LoaderConfig:
     memory_budget: Union[int, float, str, None] = "auto"  # noqa: UP007
     on_error: ErrorPolicy = "raise"
     max_retries: int = 2
+    skip_after_retries: bool = False
     seed: Union[int, None] = None  # noqa: UP007
     device: Union[str, None] = None  # noqa: UP007
     cuda_streams: int = 2
     stall_timeout: Union[float, None] = 300.0  # noqa: UP007
     debug: bool = False
+    distributed: Union[bool, Literal["auto"]] = "auto"  # noqa: UP007
 
     def __post_init__(self) -> None:
         self.validate()
@@ -164,7 +168,9 @@ class LoaderConfig:
         check_timeout("stall_timeout", self.stall_timeout, zero=False)
         if self.seed is not None:
             check_int("seed", self.seed, minimum=0)
-        for flag in ("in_order", "pin_memory", "persistent_workers", "debug"):
+        if not (isinstance(self.distributed, bool) or self.distributed == "auto"):
+            raise ValueError(f"distributed={self.distributed!r} must be True, False or 'auto'")
+        for flag in ("in_order", "pin_memory", "persistent_workers", "debug", "skip_after_retries"):
             v = getattr(self, flag)
             if not isinstance(v, bool):
                 raise TypeError(f"{flag}={v!r} must be True or False")
@@ -172,6 +178,15 @@ class LoaderConfig:
             parse_size(self.memory_budget, name="memory_budget")
         if self.device is not None and not isinstance(self.device, str):
             raise TypeError(f"device={self.device!r} must be a device string like 'cuda:0' or None")
+        if self.device is not None:
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"device={self.device!r} must be a torch device such as 'cuda:0', 'cpu' or None"
+                ) from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

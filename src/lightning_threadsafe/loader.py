@@ -209,7 +209,7 @@ class ThreadedDataLoader(Generic[T]):
                 raise TypeError(f"{name}={flag!r} must be True or False")
         if shuffle is not None and not isinstance(shuffle, bool):
             raise TypeError(f"shuffle={shuffle!r} must be True, False or None")
-        if distributed not in (True, False, "auto"):
+        if not (isinstance(distributed, bool) or distributed == "auto"):
             raise ValueError(f"distributed={distributed!r} must be True, False or 'auto'")
         if collate_fn is not None and not callable(collate_fn):
             raise TypeError(f"collate_fn={collate_fn!r} must be callable or None")
@@ -512,6 +512,11 @@ class ThreadedDataLoader(Generic[T]):
                 # The consumer fetched ahead (Lightning prefetches one batch): batches it
                 # has not used yet are not part of the saved position.
                 state["delivered"] = state["delivered"][:consumed]
+            if not self._iterable and len(state["delivered"]) >= self._plan_length():
+                # Every batch of the epoch was consumed: the position is the start of the
+                # next epoch (Lightning resumes straight into it with this iterator).
+                state = {"epoch": state["epoch"] + 1, "delivered": [],
+                         "generator_state": self._plan.generator_state()}
         elif self._resume is not None:
             state = {k: self._resume[k] for k in ("epoch", "delivered", "generator_state")}
         else:
@@ -525,6 +530,12 @@ class ThreadedDataLoader(Generic[T]):
             "settings": {k: v for k, v in self._settings.items()},
             "tuner": self._tuner.state_dict() if self._tuner is not None else None,
         }
+
+    def _plan_length(self) -> float:
+        try:
+            return len(self._plan)
+        except TypeError:  # a sampler without len(): the epoch's end is unknown here
+            return float("inf")
 
     def bind_consumption(self, consumed: Callable[[], int | None] | None) -> None:
         """Tell the loader how many delivered batches of the epoch the consumer has used.
