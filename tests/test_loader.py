@@ -69,6 +69,16 @@ def test_shuffle_with_generator_matches_torch_order(num_workers):
         assert _as_lists(ours) == _as_lists(theirs)
 
 
+def test_an_unused_iterator_gives_back_the_generator_draws():
+    # Lightning calls iter() on a loader to check it, then throws the iterator away.
+    ds = RangeDataset(40)
+    theirs = DataLoader(ds, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(7))
+    ours = ThreadedDataLoader(ds, batch_size=8, shuffle=True, num_workers="auto",
+                              generator=torch.Generator().manual_seed(7))
+    iter(ours).close()
+    assert _as_lists(ours) == _as_lists(theirs)
+
+
 def test_custom_sampler_and_batch_sampler_match_torch():
     ds = RangeDataset(30)
     sampler = list(reversed(range(30)))

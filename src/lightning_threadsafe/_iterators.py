@@ -46,6 +46,7 @@ class BaseIterator(Iterator[T]):
         self._finished = False
         self.finished_cleanly = False
         self._started = False  # delivered a batch (or ended): the loader's epoch moved on
+        self._rewound = False
         self._last_exit: float | None = None
 
     def position(self) -> dict[str, Any]:
@@ -60,6 +61,15 @@ class BaseIterator(Iterator[T]):
         if self._last_exit is not None:
             self._telemetry.consumer_s += now - self._last_exit
         return now
+
+    def _rewind_if_unstarted(self) -> None:
+        """An iterator closed before delivering anything (Lightning's probing ``iter()``)
+        gives back the user generator's draws, so the next iterator shuffles as torch would."""
+        if not self._started and not self._rewound and self._generator_state is not None:
+            self._rewound = True
+            loader = self._loader_ref()
+            if loader is not None:
+                loader._plan.set_generator_state(self._generator_state)
 
     def _mark_started(self) -> None:
         if not self._started:
@@ -83,6 +93,7 @@ class BaseIterator(Iterator[T]):
         self.close()
 
     def close(self) -> None:  # pragma: no cover - overridden
+        self._rewind_if_unstarted()
         self._finished = True
 
     def __iter__(self) -> Iterator[T]:
@@ -394,6 +405,7 @@ class ThreadIterator(BaseIterator[T]):
 
     def close(self) -> None:
         """Stop and join the workers; release buffered memory. Idempotent."""
+        self._rewind_if_unstarted()
         self._finished = True
         if self._pool is not None:
             if self._finalizer is not None and self._finalizer.alive:

@@ -266,6 +266,7 @@ class ProcessIterator(BaseIterator[T]):
             return batch
 
     def close(self) -> None:
+        self._rewind_if_unstarted()
         self._finished = True
         self._finalizer()
         if self._stats is not None:
