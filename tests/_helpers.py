@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
@@ -135,3 +136,27 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.tensor([i + sample_rng().random()])
+
+
+@contextlib.contextmanager
+def held_by_another_thread(lock: Any):
+    """Hold ``lock`` (anything usable with ``with``) in a helper thread for the block's duration.
+
+    Synchronised with events, no sleeps: the block runs only once the lock is held, and the
+    helper releases it and is joined when the block ends.
+    """
+    holding, let_go = threading.Event(), threading.Event()  # set by the holder / by us
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            let_go.wait(timeout=30)
+
+    t = threading.Thread(target=hold, name="test-holder")
+    t.start()
+    try:
+        assert holding.wait(timeout=30), "the helper thread never got the lock"
+        yield
+    finally:
+        let_go.set()
+        t.join(timeout=30)

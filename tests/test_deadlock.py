@@ -7,6 +7,7 @@ import sys
 import threading
 
 import pytest
+from _helpers import held_by_another_thread
 
 from lightning_threadsafe.deadlock import DeadlockDetector, TrackedLock, active_detector
 from lightning_threadsafe.errors import PotentialDeadlockError
@@ -214,22 +215,9 @@ def test_out_of_order_release_and_failed_acquire():
     b.release()
     assert detector.held_locks() == []
     # A failed non-blocking acquire leaves nothing held.
-    holding, let_go = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with a:
-            holding.set()
-            let_go.wait(timeout=30)
-
-    t = threading.Thread(target=hold)
-    t.start()
-    try:
-        assert holding.wait(timeout=30)
+    with held_by_another_thread(a):
         assert a.acquire(blocking=False) is False
         assert detector.held_locks() == []
-    finally:
-        let_go.set()
-        t.join(timeout=30)
 
 
 def test_detector_pickles_as_empty_copy_and_validates():

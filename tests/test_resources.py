@@ -7,6 +7,7 @@ import sqlite3
 import threading
 
 import pytest
+from _helpers import held_by_another_thread
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from lightning_threadsafe.resources import ThreadLocalResource, ThreadSafeResource, find_resources
@@ -287,22 +288,8 @@ def test_thread_safe_forced_contention_statistics():
 
 def test_thread_safe_timeout_is_counted():
     res = ThreadSafeResource(object(), name="busy")
-    holding, let_go = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with res:
-            holding.set()
-            let_go.wait(timeout=30)
-
-    t = threading.Thread(target=holder)
-    t.start()
-    try:
-        assert holding.wait(timeout=30)
-        with pytest.raises(TimeoutError, match="'busy'"):
-            res.acquire(timeout=0)
-    finally:
-        let_go.set()
-        t.join(timeout=30)
+    with held_by_another_thread(res), pytest.raises(TimeoutError, match="'busy'"):
+        res.acquire(timeout=0)
     s = res.stats()
     assert s["timeouts"] == 1 and s["acquisitions"] == 1 and s["contended"] == 0
 
