@@ -168,3 +168,15 @@ def test_manager_close_is_idempotent_and_reusable():
     loader.cleanup_thread_safety_resources()
     loader.cleanup_thread_safety_resources()
     assert len(list(loader)) == 5  # usable again after cleanup
+
+
+def test_an_abandoned_iterator_gives_its_bytes_back_to_the_budget():
+    loader = ThreadedDataLoader(BigSamples(12, size=MiB), batch_size=None, num_workers=2,
+                                prefetch_factor=4, memory_budget="64MiB")
+    gov = loader.thread_safety_manager.governor
+    it = iter(loader)
+    next(it), next(it)
+    _wait_until(lambda: gov.bytes_in_flight > 0)  # batches are waiting in the ready buffer
+    del it  # abandoned mid-epoch: its finalizer stops the workers
+    assert gov.bytes_in_flight == 0
+    assert len(list(loader)) == 12  # the next epoch is not throttled by phantom bytes

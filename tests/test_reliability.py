@@ -773,10 +773,6 @@ class _GrowingSamples(Dataset):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the governor admits batches at the size estimate of batches seen so far "
-    "(memory.py MemoryGovernor.admit); when samples grow, every batch admitted at the old "
-    "estimate still lands in the ready buffer, far past budget + one batch"))
 def test_memory_budget_holds_when_samples_grow():
     """Small samples then large ones (variable crops): still at most budget + one batch buffered."""
     budget = 64 * MiB

@@ -105,8 +105,13 @@ class BaseIterator(Iterator[T]):
 
 
 def finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: WorkerStats | None,
-                 stager: Any, *, account: bool = True) -> None:
-    """Collate (+ pin, + stage) a completed batch in place; records skipped samples."""
+                 stager: Any, *, account: bool = True,
+                 gate: Callable[[BatchState], None] | None = None) -> None:
+    """Collate (+ pin, + stage) a completed batch in place; records skipped samples.
+
+    ``gate(batch)`` (worker threads) blocks until the batch fits in the memory budget
+    or is the one the consumer needs next, before its bytes enter the ready buffer.
+    """
     values = []
     for v in batch.results:
         if isinstance(v, Skipped):
@@ -140,6 +145,8 @@ def finish_batch(loader: ThreadedDataLoader[Any], batch: BatchState, stats: Work
         if gov is not None and account:  # inline batches are handed over at once: nothing held
             batch.nbytes = MemoryGovernor.nbytes_of(payload)
             gov.observe_batch(batch.nbytes)
+            if gate is not None:
+                gate(batch)
             gov.add(batch.nbytes)
     except Exception as exc:
         raise SampleLoadError(
@@ -225,11 +232,24 @@ class ThreadIterator(BaseIterator[T]):
                 return load_sample(dataset, index, epoch=epoch_, policy=policy, stats=stats,
                                    stop=stop, batch_indices=batch.indices, ordinal=batch.ordinal)
 
+            pool_box: list[ThreadPool] = []  # the pool, once created (workers hold it anyway)
+            in_order_ = self._in_order
+
+            def required(batch: BatchState) -> bool:
+                pool = pool_box[0]
+                return pool.needed == batch.ordinal if in_order_ else len(pool.ready) == 0
+
+            def gate(batch: BatchState) -> None:
+                gov = manager.governor
+                if gov is not None and pool_box:
+                    gov.wait_for_room(batch.nbytes, required=lambda: required(batch),
+                                      stop=pool_box[0].stop)
+
             def finish(batch: BatchState, stats: WorkerStats) -> None:
                 ld = loader_ref()
                 if ld is None:
                     raise RuntimeError("the loader was garbage-collected during loading")
-                finish_batch(ld, batch, stats, stager)
+                finish_batch(ld, batch, stats, stager, gate=gate)
 
             self._pool = ThreadPool(
                 num_workers=self._num_workers, fetch=fetch, finish=finish,
@@ -238,9 +258,11 @@ class ThreadIterator(BaseIterator[T]):
                 worker_context=manager.worker_context, on_worker_exit=manager.on_worker_exit,
                 name="worker",
             )
+            pool_box.append(self._pool)
             manager.attach_pool(self._pool)
             # Last-resort cleanup when the iterator is abandoned (break, del, GC).
-            self._finalizer = weakref.finalize(self, self._pool.close)
+            self._finalizer = weakref.finalize(self, _shut_pool, self._pool, self._batches,
+                                               manager.governor, self._join_timeout)
         else:
             self._inline_stats = manager.telemetry.register("lts-inline")
 
@@ -271,6 +293,7 @@ class ThreadIterator(BaseIterator[T]):
             batch = BatchState(ordinal, list(indices))
             self._batches[ordinal] = batch
             self._outstanding.append(ordinal)
+            self._pool.needed = self._outstanding[0]
             missing = self._fill_prefilled(batch)
             if missing:
                 self._pool.submit(batch, missing)
@@ -387,6 +410,8 @@ class ThreadIterator(BaseIterator[T]):
         if self._pool is not None:
             self._outstanding.remove(ordinal)
             del self._batches[ordinal]
+            # Published before release() below wakes the workers waiting for room.
+            self._pool.needed = self._outstanding[0] if self._outstanding else None
         gov = self._manager.governor
         if gov is not None and batch.nbytes:
             gov.release(batch.nbytes)
@@ -410,17 +435,26 @@ class ThreadIterator(BaseIterator[T]):
         if self._pool is not None:
             if self._finalizer is not None and self._finalizer.alive:
                 self._finalizer.detach()
-                self._pool.close(timeout=self._join_timeout)
-            gov = self._manager.governor
-            if gov is not None:
-                for o in list(self._outstanding):
-                    b = self._batches.pop(o, None)
-                    if b is not None and b.nbytes and b.done:
-                        gov.release(b.nbytes)
-                self._outstanding.clear()
+                _shut_pool(self._pool, self._batches, self._manager.governor, self._join_timeout)
+            self._outstanding.clear()
         if self._inline_stats is not None:
             self._telemetry.retire(self._inline_stats)
             self._inline_stats = None
+
+
+def _shut_pool(pool: ThreadPool, batches: dict[int, BatchState], gov: MemoryGovernor | None,
+               timeout: float) -> None:
+    """Stop the pool and give the governor back the bytes of batches never delivered.
+
+    Also the finalizer of an abandoned iterator (it holds the pool and the batch table,
+    never the iterator), so a ``break`` does not leave phantom bytes in the budget.
+    """
+    pool.close(timeout=timeout)
+    for b in list(batches.values()):
+        if gov is not None and b.nbytes and b.done:
+            gov.release(b.nbytes)
+            b.nbytes = 0
+    batches.clear()
 
 
 class IterableIterator(BaseIterator[T]):

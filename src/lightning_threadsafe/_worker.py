@@ -105,6 +105,9 @@ class ThreadPool:
         # A failure outside any sample (worker_init_fn): written once by the failing
         # worker before it wakes the consumer through the ready buffer.
         self.fatal: BaseException | None = None
+        # The ordinal the consumer needs next (in-order delivery), written by the consumer
+        # only (one reference store, atomic), read by workers waiting for memory room.
+        self.needed: int | None = None
         self.workers: list[tuple[threading.Thread, WorkerStats]] = []
         for wid in range(num_workers):
             stats = telemetry.register(f"lts-{name}-{wid}")

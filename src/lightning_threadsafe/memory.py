@@ -311,6 +311,10 @@ class MemoryGovernor:
         #   total throttled time == _throttled_s + (now - _throttle_start if _throttled);
         #   _sampling is True for at most one thread, the one reading memory now.
         self._lock = threading.Lock()
+        # Same lock: workers finishing a batch that would push the buffer past the budget
+        # wait here (wait_for_room) until release() makes room or their batch becomes the
+        # one the consumer needs next; release() notifies.
+        self._room = threading.Condition(self._lock)
         self._bytes_in_flight = 0
         self._peak = 0
         self._device_bytes_in_flight = 0
@@ -423,6 +427,27 @@ class MemoryGovernor:
                     f"nbytes={n!r} released but only {self._bytes_in_flight} bytes are in flight"
                 )
             self._bytes_in_flight -= n
+            self._room.notify_all()
+
+    def wait_for_room(self, nbytes: int, *, required: Callable[[], bool],
+                      stop: threading.Event, poll: float = 0.1) -> None:
+        """Block a worker until ``nbytes`` more fit in the budget, or the batch is required.
+
+        Admission works on an estimate of the batch size; when batches grow, batches
+        admitted at the old size would land in the buffer past the budget. The worker
+        that finished such a batch waits here instead. It never deadlocks: the batch the
+        consumer needs next is ``required()`` and passes at once, and workers always
+        load the oldest unfinished batch first, so that batch completes. Waits re-check
+        ``required``, room and ``stop`` at least every ``poll`` seconds.
+        """
+        n = _check_count("nbytes", nbytes)
+        budget = self.budget_bytes
+        if budget is None:
+            return
+        with self._room:
+            while (self._bytes_in_flight + n > budget and self._bytes_in_flight > 0
+                   and not stop.is_set() and not required()):
+                self._room.wait(poll)
 
     def add_device(self, nbytes: int) -> None:
         """Record ``nbytes`` staged onto the device by the loader (any thread)."""
