@@ -484,7 +484,7 @@ def test_probe_latency_bound_picks_threads():
     c = FakeClocks()
     r = run_probe(fake_load(c, wall=0.020, cpu=0.001), c, cpu_count=2, max_workers=64)
     assert r.executor == "thread"
-    assert r.num_workers == 40  # ceil(2 cores / (1 ms / 20 ms))
+    assert r.num_workers == 60  # ceil(1.5 headroom * 2 cores / (1 ms / 20 ms))
     assert r.prefetch == 2
     assert r.evidence["cpu_wall_ratio"] == pytest.approx(0.05)
     assert r.evidence["speedup_2_threads"] == pytest.approx(2.0)

@@ -22,7 +22,7 @@ throughput instead of a queueing model):
    verdict   move (bounds always applied; ``W``=num_workers, ``P``=prefetch, ``C``=cores)
    ========  ==========================================================================
    NONE      hold
-   IO        ``W -> max(2W, min(W / (1 - wait), C * wall/cpu))``: geometric at least, or a
+   IO        ``W -> max(2W, min(W / (1 - wait), 1.5 C * wall/cpu))``: geometric at least, or a
              jump to the modelled need (enough threads to stop the wait, never more than
              keep all cores busy); if workers sit idle (< 50% busy) ``P -> 2P`` instead
    CPU       ``W -> ceil(W * C / cores_used)`` (workers in proportion to idle cores: straight
@@ -434,7 +434,8 @@ class HillClimbTuner:
         wait = window.wait_fraction
         n_wait = math.ceil(w / max(1.0 - wait, 0.05))
         if window.fetch_cpu_s > 0:
-            n_cpu = math.ceil(self.cpu_count * window.fetch_wall_s / window.fetch_cpu_s)
+            n_cpu = math.ceil(_LATENCY_HEADROOM * self.cpu_count * window.fetch_wall_s
+                              / window.fetch_cpu_s)
         else:
             n_cpu = self.max_workers
         target = max(target, min(n_wait, n_cpu))
@@ -534,6 +535,10 @@ class ProbeResult:
 _CPU_HEAVY_RATIO = 0.5
 _GIL_SPEEDUP = 1.3
 _MAX_PROBE_PREFETCH = 32
+# Threads for latency-bound samples: cores / (cpu/wall) would just fill the cores if the
+# samples' CPU cost stayed as measured alone; it grows under contention (cache, GIL
+# hand-offs), and an idle thread waiting on I/O costs nothing, so plan 1.5x that.
+_LATENCY_HEADROOM = 1.5
 _TINY_SAMPLE_S = 2e-4  # below this per-sample wall time, loader overhead dominates: threads
 _MIN_PROCESS_SAMPLE_S = 1e-3  # processes only pay off when a sample costs more than IPC does
 _GIL_PROCESS_CORES = 1.3  # two GIL-bound threads burn at most ~one core of process CPU
@@ -675,8 +680,9 @@ def probe(
                               f"{process_cores or 0:.2f} cores: GIL-bound")
         return ProbeResult("process", workers, 2, evidence)
     sizing = ratio if evidence_concurrent_ratio is None else min(ratio, evidence_concurrent_ratio)
+    headroom = _LATENCY_HEADROOM if sizing < _CPU_HEAVY_RATIO else 1.0
     if sizing > 0:
-        workers = min(max_workers, max(1, math.ceil(cpu_count / sizing)))
+        workers = min(max_workers, max(1, math.ceil(headroom * cpu_count / sizing)))
     else:
         workers = max_workers
     prefetch = 2
