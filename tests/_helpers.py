@@ -160,3 +160,22 @@ def held_by_another_thread(lock: Any):
     finally:
         let_go.set()
         t.join(timeout=30)
+
+
+def run_in_thread(fn: Any, name: str = "test-worker") -> Any:
+    """Run ``fn`` on a new thread to completion; return its result or re-raise its exception."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised on the calling thread below
+            box["error"] = exc
+
+    t = threading.Thread(target=target, name=name)
+    t.start()
+    t.join(timeout=30)  # bounded: a hung fn fails the test instead of hanging it
+    assert not t.is_alive(), f"{name} did not finish"
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -7,7 +7,7 @@ import sys
 import threading
 
 import pytest
-from _helpers import held_by_another_thread
+from _helpers import held_by_another_thread, run_in_thread
 
 from lightning_threadsafe.deadlock import DeadlockDetector, TrackedLock, active_detector
 from lightning_threadsafe.errors import PotentialDeadlockError
@@ -21,19 +21,11 @@ def _line() -> int:
 
 def _run(fn, name: str):
     """Run ``fn`` on its own thread to completion; return the exception it raised, if any."""
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=target, name=name)
-    t.start()
-    t.join(timeout=30)
-    assert not t.is_alive()
-    return box.get("error")
+    try:
+        run_in_thread(fn, name)
+    except BaseException as exc:
+        return exc
+    return None
 
 
 def test_opposite_order_in_two_threads_names_both_locks_and_sites():

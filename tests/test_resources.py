@@ -7,7 +7,7 @@ import sqlite3
 import threading
 
 import pytest
-from _helpers import held_by_another_thread
+from _helpers import held_by_another_thread, run_in_thread
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from lightning_threadsafe.resources import ThreadLocalResource, ThreadSafeResource, find_resources
@@ -28,25 +28,6 @@ def _mark_closed(obj: dict) -> None:
     obj["closed"] = True
 
 
-def _run_in_thread(fn, name: str = "test-worker"):
-    """Run ``fn`` on a new thread; return its result or re-raise its exception."""
-    box: dict = {}
-
-    def target() -> None:
-        try:
-            box["result"] = fn()
-        except BaseException as exc:
-            box["error"] = exc
-
-    t = threading.Thread(target=target, name=name)
-    t.start()
-    t.join(timeout=30)
-    assert not t.is_alive()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
-
-
 # ---------------------------------------------------------------------- ThreadLocalResource
 def test_thread_local_lazy_and_distinct_per_thread():
     factory = _Counter()
@@ -56,7 +37,7 @@ def test_thread_local_lazy_and_distinct_per_thread():
 
     mine = res.get()
     assert res() is mine and res.get() is mine  # same instance on the same thread
-    theirs = _run_in_thread(res.get)
+    theirs = run_in_thread(res.get)
     assert theirs is not mine
     assert factory.calls == 2
     assert res.stats()["instances_created"] == 2
@@ -102,14 +83,14 @@ def test_close_current_thread_closes_sqlite_on_owning_thread(tmp_path):
         assert res.close_current_thread() is False  # idempotent
         return x
 
-    assert _run_in_thread(worker, name="sqlite-owner") == "row2"
+    assert run_in_thread(worker, name="sqlite-owner") == "row2"
     assert closed_on == ["sqlite-owner"]
     with pytest.raises(sqlite3.ProgrammingError):
         conns[0].execute("SELECT 1")  # really closed
     assert res.stats() == {"name": "rows", "instances_created": 1, "instances_open": 0}
 
     # close_current_thread only touches the caller's own instance.
-    other = _run_in_thread(res.get)
+    other = run_in_thread(res.get)
     assert res.close_current_thread() is False
     assert res.stats()["instances_open"] == 1
     # Closing from a non-owning thread fails for sqlite: that is the close_all caveat.
@@ -121,7 +102,7 @@ def test_close_current_thread_closes_sqlite_on_owning_thread(tmp_path):
 
 def test_close_all_closes_every_instance_and_is_idempotent():
     res = ThreadLocalResource(_Counter(), _mark_closed)
-    objs = [res.get(), _run_in_thread(res.get), _run_in_thread(res.get)]
+    objs = [res.get(), run_in_thread(res.get), run_in_thread(res.get)]
     assert res.stats()["instances_open"] == 3
     assert res.close_all() == 3
     assert all(o["closed"] for o in objs)
@@ -142,7 +123,7 @@ def test_close_all_attempts_every_instance_then_raises_first_error():
 
     res = ThreadLocalResource(_Counter(), close)
     res.get()
-    _run_in_thread(res.get)
+    run_in_thread(res.get)
     with pytest.raises(OSError, match="cannot close"):
         res.close_all()
     assert sorted(seen) == [1, 2]
@@ -166,8 +147,8 @@ def test_instance_of_ended_thread_is_not_reused():
     # An ended thread that did not close leaves an orphan; a later thread (which
     # may get the same ident from the OS) never receives it.
     res = ThreadLocalResource(_Counter(), _mark_closed)
-    first = _run_in_thread(res.get)
-    later = [_run_in_thread(res.get) for _ in range(5)]
+    first = run_in_thread(res.get)
+    later = [run_in_thread(res.get) for _ in range(5)]
     assert all(x is not first for x in later)
     assert res.stats()["instances_open"] == 6
     assert res.close_all() == 6
