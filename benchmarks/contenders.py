@@ -32,6 +32,7 @@ __all__ = [
     "Contender",
     "LoaderHandle",
     "LoaderSpec",
+    "bare_threads",
     "ours",
     "ours_unavailable",
     "torch_dl",
@@ -209,6 +210,67 @@ def torchdata_nodes(threads: int, prefetch: int = 4) -> Contender:
     return Contender(f"torchdata threads={threads}", "torchdata",
                      {"threads": threads, "prefetch": prefetch}, build, workers=threads,
                      unavailable=reason)
+
+
+# ----------------------------------------------------------------------- reference
+
+
+class _BareThreads:
+    """``threads`` threads calling ``dataset[i]`` in a loop, nothing else: no collate, no
+    ordering, no hand-off per sample. Each batch is a token tensor of ``batch_size``
+    entries; the rate is the dataset's own throughput ceiling on this machine."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, threads: int) -> None:
+        self.dataset, self.batch_size, self.threads = dataset, batch_size, threads
+
+    def __iter__(self) -> Iterator[Any]:
+        import itertools
+        import queue
+        import threading
+
+        import torch
+
+        from lightning_threadsafe._intraop import limit_intra_op_threads
+
+        n = len(self.dataset)  # type: ignore[arg-type]
+        counter = itertools.count()
+        counter_lock = threading.Lock()  # guards counter (shared by the threads)
+        done: queue.SimpleQueue[int] = queue.SimpleQueue()  # one entry per finished batch
+        stop = threading.Event()
+
+        def run() -> None:
+            limit_intra_op_threads()  # what every loader's worker does
+            loaded = 0
+            while not stop.is_set():
+                with counter_lock:
+                    i = next(counter)
+                if i >= n:
+                    return
+                self.dataset[i]
+                loaded += 1
+                if loaded == self.batch_size:
+                    done.put(loaded)
+                    loaded = 0
+
+        workers = [threading.Thread(target=run, name=f"bench-bare-{k}", daemon=True)
+                   for k in range(self.threads)]
+        for t in workers:
+            t.start()
+        try:
+            for _ in range(n // self.batch_size):
+                yield torch.empty(done.get(timeout=120))
+        finally:
+            stop.set()
+            for t in workers:
+                t.join()
+
+
+def bare_threads(threads: int) -> Contender:
+    """The no-loader ceiling: ``threads`` threads calling the dataset directly (reference)."""
+    return Contender(f"bare threads={threads} (no loader)", "reference", {"threads": threads},
+                     lambda spec: LoaderHandle(_BareThreads(spec.dataset, spec.batch_size,
+                                                            threads)),
+                     workers=threads)
 
 
 # ---------------------------------------------------------------------------- ours

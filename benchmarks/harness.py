@@ -29,6 +29,7 @@ from benchmarks.contenders import (
     Contender,
     LoaderHandle,
     LoaderSpec,
+    bare_threads,
     ours,
     torch_dl,
     torchdata_nodes,
@@ -302,7 +303,8 @@ def _ours_missing_row(rows: list[Row], sweep: Sequence[dict[str, Any]],
 def _throughput_workload(ctx: Context, wid: str, title: str, spec: LoaderSpec,
                          calib: Calibration | None, torchdata_threads: Sequence[int],
                          sweep: Sequence[dict[str, Any]], per: str,
-                         extra_refs: Sequence[str] = ()) -> WorkloadResult:
+                         extra_refs: Sequence[str] = (),
+                         references: Sequence[Contender] = ()) -> WorkloadResult:
     s = ctx.settings
     unit = f"{per}/s"
     result = WorkloadResult(wid, title, unit, True, unit)
@@ -319,6 +321,7 @@ def _throughput_workload(ctx: Context, wid: str, title: str, spec: LoaderSpec,
     contenders = [*_peers(s, torchdata_threads), ours(**AUTO)]
     if static is not None:
         contenders.append(static)
+    contenders.extend(references)
     outcome = interleaved_rounds(contenders, measure, s.rounds, ctx.log, wid, _fmt_rate)
     result.rows = _build_rows(contenders, outcome, calib, ctx.cores)
     if static is None:
@@ -344,9 +347,17 @@ def run_w1(ctx: Context) -> WorkloadResult:
     spec = LoaderSpec(ds, s.batch_size)
     calib = calibrate(ds, seconds=s.calibration_s)
     result = _throughput_workload(ctx, "W1", "random crops from a memory-mapped volume", spec,
-                                  calib, s.w1_torchdata, s.w1_sweep, "samples")
+                                  calib, s.w1_torchdata, s.w1_sweep, "samples",
+                                  references=(bare_threads(ctx.cores),))
     _calibration_notes(result, calib, ctx.cores)
     result.notes.append("limit column: min(CPU limit, workers / 1-thread wall time per sample)")
+    bare = result.row(f"bare threads={ctx.cores} (no loader)")
+    if bare is not None and bare.median:
+        result.limits["measured ceiling (bare threads, no loader)"] = bare.median
+        result.notes.append(
+            f"bare threads = {ctx.cores} threads calling dataset[i] directly (no collate, no "
+            "ordering): the rate this machine reaches on this dataset at all, measured in the "
+            "same rounds; every loader's rate is at most this")
     return result
 
 

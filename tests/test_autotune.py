@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from lightning_threadsafe.autotune import Decision, HillClimbTuner, ProbeResult, Settings, probe
 from lightning_threadsafe.bottleneck import Bottleneck, BottleneckDetector, Verdict
@@ -457,17 +458,21 @@ class FakeClocks:
 
 def fake_load(clocks: FakeClocks, *, wall: float, cpu: float, speedup: float = 2.0,
               first_wall: float | None = None):
-    """A load whose samples take ``wall``/``cpu`` alone; in the probe's threads the
-    shared wall clock advances ``wall / speedup`` per sample (two threads together
-    finish ``speedup`` times faster than serially)."""
+    """A load whose samples take ``wall``/``cpu`` alone; in the probe's concurrent threads
+    the shared wall clock advances ``wall / speedup`` per sample (the threads together
+    finish ``speedup`` times faster than serially). ``first_wall``: the very first
+    sample's wall time (a cold start)."""
     calls = []
+    lock = threading.Lock()  # guards calls (several probe threads)
 
     def load(i: int) -> int:
-        in_probe_thread = threading.current_thread().name.startswith("lts-probe-")
-        w = wall / speedup if in_probe_thread else wall
-        if first_wall is not None and not calls:
-            w = first_wall
-        calls.append(i)
+        name = threading.current_thread().name
+        concurrent = name.startswith("lts-probe-") and name != "lts-probe-serial"
+        w = wall / speedup if concurrent else wall
+        with lock:
+            if first_wall is not None and not calls:
+                w = first_wall
+            calls.append(i)
         clocks.advance(w, cpu)
         return i
 
@@ -475,19 +480,22 @@ def fake_load(clocks: FakeClocks, *, wall: float, cpu: float, speedup: float = 2
     return load
 
 
-def run_probe(load, clocks: FakeClocks, n: int = 8, **kw) -> ProbeResult:
+def run_probe(load, clocks: FakeClocks, n: int = 12, **kw) -> ProbeResult:
     return probe(load, list(range(n)), clock=clocks.wall, thread_clock=clocks.thread,
                  process_clock=clocks.process, **kw)
 
 
-def test_probe_latency_bound_picks_threads():
+def test_probe_latency_bound_picks_threads_without_a_serial_phase():
     c = FakeClocks()
-    r = run_probe(fake_load(c, wall=0.020, cpu=0.001), c, cpu_count=2, max_workers=64)
+    load = fake_load(c, wall=0.020, cpu=0.001)
+    r = run_probe(load, c, cpu_count=2, max_workers=64)
     assert r.executor == "thread"
     assert r.num_workers == 60  # ceil(1.5 headroom * 2 cores / (1 ms / 20 ms))
     assert r.prefetch == 2
+    assert r.evidence["process_cores"] == pytest.approx(0.1)  # 2 threads x 5% busy
     assert r.evidence["cpu_wall_ratio"] == pytest.approx(0.05)
-    assert r.evidence["speedup_2_threads"] == pytest.approx(2.0)
+    assert r.evidence["speedup"] is None and r.evidence["samples_serial"] == 0
+    assert sorted(load.calls) == list(range(8))  # the 4 serial indices were never loaded
     # default cap: min(64, 8 * cores)
     c2 = FakeClocks()
     assert run_probe(fake_load(c2, wall=0.020, cpu=0.001), c2, cpu_count=2).num_workers == 16
@@ -495,20 +503,28 @@ def test_probe_latency_bound_picks_threads():
 
 def test_probe_gil_bound_picks_processes():
     c = FakeClocks()
-    r = run_probe(fake_load(c, wall=0.010, cpu=0.010, speedup=1.0), c, cpu_count=4)
+    load = fake_load(c, wall=0.010, cpu=0.010, speedup=1.0)
+    r = run_probe(load, c, cpu_count=4)
     assert r.executor == "process" and r.num_workers == 4 and r.prefetch == 2
-    assert r.evidence["speedup_2_threads"] == pytest.approx(1.0)
+    assert r.evidence["threads"] == 4
+    assert r.evidence["process_cores"] == pytest.approx(1.0)
+    assert r.evidence["serial_cpu_wall_ratio"] == pytest.approx(1.0)
+    assert r.evidence["speedup"] == pytest.approx(1.0)
     assert "GIL" in r.evidence["reason"]
+    assert sorted(load.calls) == list(range(12))  # the serial phase ran
 
 
-def test_probe_cpu_bound_that_scales_picks_threads():
+def test_probe_cpu_bound_that_scales_picks_threads_at_once():
     c = FakeClocks()
-    load = fake_load(c, wall=0.010, cpu=0.010, speedup=1.9)
+    load = fake_load(c, wall=0.010, cpu=0.010, speedup=3.8)  # 4 threads, 3.8 cores busy
     r = run_probe(load, c, cpu_count=4, batch_size=2)
     assert r.executor == "thread" and r.num_workers == 4
     assert r.prefetch == 2  # per worker
+    assert r.evidence["process_cores"] == pytest.approx(3.8)
+    assert r.evidence["speedup"] is None  # no serial phase: 3.8 cores rule the GIL out
+    assert sorted(load.calls) == list(range(8))
     c2 = FakeClocks()
-    r2 = run_probe(fake_load(c2, wall=0.010, cpu=0.010, speedup=1.9), c2, cpu_count=4,
+    r2 = run_probe(fake_load(c2, wall=0.010, cpu=0.010, speedup=3.8), c2, cpu_count=4,
                    batch_size=2, prefetch_per_worker=False)
     assert r2.prefetch == 4  # total: ceil(2 * 4 threads / batch of 2)
 
@@ -520,20 +536,34 @@ def test_probe_speedup_boundary():
                          cpu_count=2).executor == executor
 
 
+def test_probe_one_core_busy_but_waiting_samples_stay_on_threads():
+    # Two threads burn one core between them -- like the GIL -- but a lone sample waits
+    # half its time: two threads run two samples at once. Not GIL-bound.
+    c = FakeClocks()
+    r = run_probe(fake_load(c, wall=0.010, cpu=0.005, speedup=2.0), c, cpu_count=2)
+    assert r.evidence["process_cores"] == pytest.approx(1.0)
+    assert r.evidence["serial_cpu_wall_ratio"] == pytest.approx(0.5)
+    assert r.evidence["speedup"] == pytest.approx(2.0)
+    assert r.executor == "thread" and r.num_workers == 4  # ceil(2 cores / 0.5)
+
+
 def test_probe_one_core_starts_no_threads():
     c = FakeClocks()
     load = fake_load(c, wall=0.010, cpu=0.010, speedup=1.0)
     r = run_probe(load, c, cpu_count=1)
     assert r.executor == "thread" and r.num_workers == 1
-    assert r.evidence["speedup_2_threads"] is None
-    assert len(load.calls) == 4  # only the serial half
+    assert r.evidence["threads"] == 0 and r.evidence["speedup"] is None
+    assert len(load.calls) == 8  # only the first part, serially
 
 
-def test_probe_ignores_the_warm_up_sample():
+def test_probe_ignores_the_cold_first_sample():
     c = FakeClocks()
     r = run_probe(fake_load(c, wall=0.020, cpu=0.020, first_wall=5.0), c, cpu_count=2)
-    assert r.evidence["serial_wall_ms"] == pytest.approx(20.0)
+    assert r.evidence["process_cores"] == pytest.approx(2.0)
     assert r.executor == "thread" and r.num_workers == 2
+    c1 = FakeClocks()
+    r1 = run_probe(fake_load(c1, wall=0.020, cpu=0.020, first_wall=5.0), c1, cpu_count=1)
+    assert r1.evidence["wall_ms"] == pytest.approx(20.0)
 
 
 def test_probe_prefetch_is_capped():
@@ -546,20 +576,25 @@ def test_probe_prefetch_is_capped():
 def test_probe_errors_propagate_unchanged():
     boom = KeyError("index 2 is corrupt")
 
-    def serial_fail(i: int) -> None:
+    def concurrent_fail(i: int) -> None:
         if i == 2:
             raise boom
 
     with pytest.raises(KeyError) as info:
-        probe(serial_fail, range(8), cpu_count=2)
+        probe(concurrent_fail, range(12), cpu_count=2)
     assert info.value is boom
 
-    def thread_fail(i: int) -> None:
-        if i == 6:  # in the concurrent half
-            raise ValueError(f"bad sample {i}")
+    c = FakeClocks()
+    load = fake_load(c, wall=0.010, cpu=0.010, speedup=1.0)  # GIL-bound: a serial phase
 
-    with pytest.raises(ValueError, match="bad sample 6"):
-        probe(thread_fail, range(8), cpu_count=2)
+    def failing(i: int) -> int:
+        load(i)
+        if i == 10:  # in the serial part
+            raise ValueError(f"bad sample {i}")
+        return i
+
+    with pytest.raises(ValueError, match="bad sample 10"):
+        run_probe(failing, c, cpu_count=2)
     assert not [t for t in threading.enumerate() if t.name.startswith("lts-probe-")]
 
 
@@ -568,6 +603,8 @@ def test_probe_validation():
         probe(lambda i: i, [0, 1, 2])
     with pytest.raises(ValueError, match="batch_size=0"):
         probe(lambda i: i, range(4), batch_size=0)
+    with pytest.raises(ValueError, match=r"serial=3 must be an int in \[0, 2\]"):
+        probe(lambda i: i, range(4), serial=3)
 
 
 def test_probe_result_to_dict():
@@ -578,10 +615,18 @@ def test_probe_result_to_dict():
     assert r.settings() == Settings(r.num_workers, r.prefetch, r.executor)
 
 
+def test_probe_threads_use_one_intra_op_thread_and_leave_the_caller_alone():
+    seen = []
+    before = torch.get_num_threads()
+    probe(lambda i: seen.append(torch.get_num_threads()), range(12), cpu_count=2)
+    assert set(seen) == {1}
+    assert torch.get_num_threads() == before
+
+
 def test_real_probe_on_sleeping_load_picks_threads():
     # Real clocks: a 20 ms sleep releases the GIL and burns no CPU, so the samples are
     # unambiguously latency-bound however loaded the machine is. No timing assertions.
-    r = probe(lambda i: time.sleep(0.02), range(6), batch_size=4)
+    r = probe(lambda i: time.sleep(0.02), range(12), batch_size=4)
     assert r.executor == "thread"
     assert r.num_workers >= 2
     assert r.evidence["cpu_wall_ratio"] < 0.5
@@ -601,8 +646,8 @@ def test_probe_keeps_threads_when_samples_already_use_several_cores():
         return i
 
     r = run_probe(load, c, cpu_count=2)
-    assert r.evidence["speedup_2_threads"] == pytest.approx(1.0)
-    assert r.evidence["process_cores_2_threads"] == pytest.approx(2.0)
+    assert r.evidence["process_cores"] == pytest.approx(2.0)
+    assert r.evidence["speedup"] is None
     assert r.executor == "thread"
 
 

@@ -587,6 +587,56 @@ def test_a_failing_sample_inside_the_probe_window_gets_the_error_policy():
     loader = ThreadedDataLoader(ds, batch_size=4, num_workers="auto", on_error="skip")
     assert _as_lists(loader) == [[0, 1, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15],
                                  [16, 17, 18, 19]]
-    assert "failing sample" in loader.get_thread_safety_performance_report()["probe"]["evidence"][
-        "reason"]
-    assert loader.get_thread_safety_performance_report()["errors"]["skipped_indices"] == [2]
+    report = loader.get_thread_safety_performance_report()
+    assert report["probe"]["evidence"]["online"] is True  # the probe ran inside the pool
+    assert report["errors"]["skipped_indices"] == [2]
+
+
+# ------------------------------------------------------------------ intra-op threads
+
+
+class _ThreadCountDataset(Dataset):
+    """Records torch.get_num_threads() as seen inside each sample load."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen: list[int] = []
+        self._lock = threading.Lock()  # guards seen (several worker threads)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        with self._lock:
+            self.seen.append(torch.get_num_threads())
+        return i
+
+
+def test_worker_threads_run_torch_on_one_intra_op_thread_and_leave_others_alone():
+    from lightning_threadsafe import _intraop
+
+    if _intraop._omp_setter() is None:  # pragma: no cover - a torch without OpenMP
+        pytest.skip("no OpenMP runtime found: the limit is a documented no-op")
+    before = torch.get_num_threads()
+    ds = _ThreadCountDataset(32)
+    list(ThreadedDataLoader(ds, batch_size=4, num_workers=3))
+    assert set(ds.seen) == {1}  # like torch's worker processes
+    assert torch.get_num_threads() == before  # the consumer thread is untouched
+    # threads created afterwards start from the process-wide default, not from 1
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()), name="fresh")
+    t.start()
+    t.join()
+    assert fresh == [before]
+
+
+def test_worker_init_fn_runs_after_the_limit_and_may_change_it():
+    ds = _ThreadCountDataset(8)
+    loader = ThreadedDataLoader(ds, batch_size=4, num_workers=1,
+                                worker_init_fn=lambda wid: torch.set_num_threads(2))
+    before = torch.get_num_threads()
+    try:
+        list(loader)
+    finally:
+        torch.set_num_threads(before)  # set_num_threads also moved the process default
+    assert set(ds.seen) == {2}

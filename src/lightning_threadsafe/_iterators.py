@@ -9,6 +9,7 @@ order, the epoch position and the governor's release happen on the consumer.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 import weakref
@@ -24,6 +25,7 @@ from lightning_threadsafe.memory import MemoryGovernor
 from lightning_threadsafe.telemetry import WorkerStats
 
 if TYPE_CHECKING:
+    from lightning_threadsafe.autotune import OnlineProbe
     from lightning_threadsafe.loader import ThreadedDataLoader
 
 __all__ = ["EMPTY", "BaseIterator", "Empty", "IterableIterator", "ThreadIterator", "finish_batch"]
@@ -178,6 +180,7 @@ def _thread_init_fn(fn: Callable[[int], None] | None) -> Callable[[int], None] |
 
 
 _NOTHING = object()  # "no prefilled sample here" (None is a valid sample)
+_HANDED_OVER = object()  # "the process executor delivers the rest of the epoch"
 
 
 class Empty:
@@ -200,14 +203,22 @@ class ThreadIterator(BaseIterator[T]):
         *,
         in_order: bool | None = None,
         prefilled: dict[tuple[int, int], Any] | None = None,
+        probe: OnlineProbe | None = None,
     ) -> None:
         super().__init__(loader, epoch, resumed, generator_state)
+        # The online "auto" probe (consumer-owned reference; workers report to it through
+        # pool.observer). Once it decides, the consumer applies the settings: resize the
+        # pool, or switch the rest of the epoch to inline loading or to processes.
+        self._probe = probe
+        self._switch: str | None = None  # "inline" once decided; admission stops
+        self._delegate: BaseIterator[Any] | None = None  # process executor for the rest
         # Samples the "auto" probe already loaded: {(ordinal, position): sample}.
         self._prefilled = dict(prefilled or {})
         self._source = source
         self._source_done = False
         self._in_order = loader.in_order if in_order is None else in_order
-        self._num_workers = int(loader._settings["num_workers"])
+        self._num_workers = (probe.threads if probe is not None
+                             else int(loader._settings["num_workers"]))
         self._timeout = loader.timeout
         self._stager = loader._stager_for_use()
         # Admitted-but-not-delivered ordinals, oldest first (consumer-owned).
@@ -260,6 +271,18 @@ class ThreadIterator(BaseIterator[T]):
             )
             pool_box.append(self._pool)
             manager.attach_pool(self._pool)
+            if probe is not None:
+                observe = probe.observe
+
+                def observer(wid: int, wall: float, cpu: float, running: int) -> None:
+                    observe(wid, wall_s=wall, cpu_s=cpu, live_workers=running)
+                    pool = pool_box[0]
+                    if probe.result is not None:
+                        pool.ready.nudge()  # the consumer applies it at once
+                    elif probe.wanted_workers < pool.target:
+                        pool.resize(probe.wanted_workers)  # serial phase: shrink now
+
+                self._pool.observer = observer
             # Last-resort cleanup when the iterator is abandoned (break, del, GC).
             self._finalizer = weakref.finalize(self, _shut_pool, self._pool, self._batches,
                                                manager.governor, self._join_timeout)
@@ -275,9 +298,10 @@ class ThreadIterator(BaseIterator[T]):
 
     def _admit(self) -> None:
         loader = self._loader_ref()
-        if loader is None or self._pool is None:
+        if loader is None or self._pool is None or self._switch is not None \
+                or self._delegate is not None:
             return
-        depth = loader._depth()
+        depth = loader._depth(self._pool.target if self._probe is not None else None)
         gov = self._manager.governor
         while not self._source_done and len(self._outstanding) < depth:
             required = not self._outstanding
@@ -328,11 +352,88 @@ class ThreadIterator(BaseIterator[T]):
         except SampleLoadError as exc:
             batch.error = exc
 
+    # -- the online probe (consumer thread only) -----------------------------------
+
+    def _poll_probe(self) -> None:
+        """Apply what the online probe asks for: a pool size now, settings once decided."""
+        probe, pool = self._probe, self._pool
+        if probe is None or pool is None:
+            return
+        result = probe.result
+        if result is None:
+            wanted = probe.wanted_workers
+            if wanted != pool.target:
+                pool.resize(wanted)
+            return
+        self._apply_probe_result(result)
+
+    def _apply_probe_result(self, result: Any) -> None:
+        self._probe = None
+        pool = self._pool
+        if pool is not None:
+            pool.observer = None
+        loader = self._loader_ref()
+        if loader is None:
+            return
+        loader._apply_probe(result.to_dict())
+        if pool is None or self._finished:
+            return
+        settings = loader._settings
+        if settings["executor"] == "process":
+            from lightning_threadsafe._process import ProcessIterator
+
+            # The rest of the plan goes to torch's worker processes now -- including the
+            # admitted batches no thread has started -- while the threads finish the
+            # batches they started (all earlier ordinals: workers take the oldest first).
+            withdrawn = pool.tasks.withdraw_untouched(lambda b: len(b.indices))
+            for b in withdrawn:
+                self._outstanding.remove(b.ordinal)
+                del self._batches[b.ordinal]
+            pool.needed = self._outstanding[0] if self._outstanding else None
+            rest = itertools.chain([(b.ordinal, b.indices) for b in withdrawn], self._source)
+            self._delegate = ProcessIterator(loader, self.epoch, rest, [], None)
+            self._source_done = True
+        elif int(settings["num_workers"]) == 0:
+            self._switch = "inline"
+        else:
+            pool.resize(int(settings["num_workers"]))
+
+    def _switch_over(self) -> None:
+        """The pool's last batch was delivered: retire it (inline loading follows)."""
+        pool = self._pool
+        if pool is None:
+            return
+        if self._finalizer is not None and self._finalizer.alive:
+            self._finalizer.detach()
+        _shut_pool(pool, self._batches, self._manager.governor, self._join_timeout)
+        self._pool = None
+        if self._switch == "inline":
+            self._inline_stats = self._manager.telemetry.register("lts-inline")
+
+    def position(self) -> dict[str, Any]:
+        pos = super().position()
+        if self._delegate is not None:
+            pos["delivered"] = pos["delivered"] + list(self._delegate._delivered)
+        return pos
+
+    def _next_delegate(self) -> T:
+        assert self._delegate is not None
+        try:
+            return next(self._delegate)
+        except StopIteration:
+            self._finish(clean=True)
+            raise
+        except BaseException:
+            self._finish(clean=False)
+            raise
+
     # -- next ---------------------------------------------------------------------
 
     def __next__(self) -> T:
         if self._finished:
             raise StopIteration
+        if self._delegate is not None and not self._outstanding:
+            return self._next_delegate()
         entered = self._enter()
         try:
             while True:
@@ -340,6 +441,8 @@ class ThreadIterator(BaseIterator[T]):
                     item = self._next_inline()
                 else:
                     item = self._next_threaded(entered)
+                if item is _HANDED_OVER:  # the processes take over from here
+                    return self._next_delegate()
                 if item is EMPTY:
                     continue
                 break
@@ -387,9 +490,18 @@ class ThreadIterator(BaseIterator[T]):
         pool = self._pool
         assert pool is not None
         while True:
+            self._poll_probe()
             self._admit()
-            if not self._outstanding and self._source_done:
-                raise StopIteration
+            if not self._outstanding:
+                if self._delegate is not None:
+                    return _HANDED_OVER
+                if self._switch is not None:
+                    self._switch_over()
+                    return self._next_inline()
+                if self._source_done:
+                    if self._probe is not None:  # the epoch ended before the probe decided
+                        self._apply_probe_result(self._probe.finish())
+                    raise StopIteration
             got = pool.ready.take(self._wanted, POLL_S)
             if pool.fatal is not None:
                 raise pool.fatal
@@ -432,6 +544,8 @@ class ThreadIterator(BaseIterator[T]):
         """Stop and join the workers; release buffered memory. Idempotent."""
         self._rewind_if_unstarted()
         self._finished = True
+        if self._delegate is not None:
+            self._delegate.close()
         if self._pool is not None:
             if self._finalizer is not None and self._finalizer.alive:
                 self._finalizer.detach()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from lightning_threadsafe._intraop import limit_intra_op_threads
 from lightning_threadsafe.errors import SampleLoadError
 from lightning_threadsafe.ready_buffer import ReadyBuffer
 from lightning_threadsafe.scheduler import CLOSED, PriorityWorkQueue
@@ -89,9 +90,8 @@ class ThreadPool:
         # A worker takes up to this many consecutive samples of a batch per queue visit:
         # half of an even share, so cheap samples cost fewer lock round-trips while a
         # batch still spreads over at least half the workers.
-        workers = max(1, num_workers)
         self.share: Callable[[BatchState], int] = (
-            lambda b: max(1, len(b.indices) // (2 * workers)))
+            lambda b: max(1, len(b.indices) // (2 * max(1, self.target))))
         self.ready = ReadyBuffer(in_order=in_order)
         # Set once by close(); workers check it after every task and every poll.
         self.stop = threading.Event()
@@ -101,6 +101,7 @@ class ThreadPool:
         self._worker_init_fn = worker_init_fn
         self._worker_context = worker_context
         self._on_worker_exit = on_worker_exit
+        self._name = name
         self.telemetry = telemetry
         # A failure outside any sample (worker_init_fn): written once by the failing
         # worker before it wakes the consumer through the ready buffer.
@@ -108,15 +109,61 @@ class ThreadPool:
         # The ordinal the consumer needs next (in-order delivery), written by the consumer
         # only (one reference store, atomic), read by workers waiting for memory room.
         self.needed: int | None = None
+        # Called by each worker after each sample while set (the online "auto" probe):
+        # observer(worker_id, wall_s, cpu_s, running_workers). Set/cleared by the consumer.
+        self.observer: Callable[[int, float, float, int], None] | None = None
+        # _lock guards workers, _retiring, _live, _running, _next_id and target. Invariants:
+        # `workers` only grows (every thread ever started, so close() joins them all);
+        # a worker whose id is in _retiring exits at its next loop turn, never while
+        # holding tasks; no worker starts once `stop` is set (checked under _lock).
+        self._lock = threading.Lock()
         self.workers: list[tuple[threading.Thread, WorkerStats]] = []
-        for wid in range(num_workers):
-            stats = telemetry.register(f"lts-{name}-{wid}")
-            t = threading.Thread(
-                target=_worker_main, args=(self, wid, stats), name=stats.name, daemon=True
-            )
-            self.workers.append((t, stats))
-        for t, _ in self.workers:
+        self._retiring: set[int] = set()
+        self._live: list[int] = []  # ids of started workers that are not retiring, in order
+        self._running = 0  # workers started and not yet exited (retiring ones included)
+        self._next_id = 0
+        self.target = 0
+        self.resize(num_workers)
+
+    def resize(self, num_workers: int) -> None:
+        """Grow or shrink to ``num_workers`` threads (any thread; no-op once closed).
+
+        Growing starts threads with new ids; shrinking marks the newest workers
+        as retiring: each exits after the tasks it holds, at its next loop turn
+        (idle ones are woken). Their queued work stays for the others.
+        """
+        if num_workers < 1:
+            raise ValueError(f"num_workers={num_workers!r} must be >= 1 for a thread pool")
+        started: list[threading.Thread] = []
+        with self._lock:
+            if self.stop.is_set():
+                return
+            self.target = num_workers
+            while len(self._live) > num_workers:
+                self._retiring.add(self._live.pop())
+            while len(self._live) < num_workers:
+                wid = self._next_id
+                self._next_id += 1
+                stats = self.telemetry.register(f"lts-{self._name}-{wid}")
+                t = threading.Thread(target=_worker_main, args=(self, wid, stats),
+                                     name=stats.name, daemon=True)
+                self.workers.append((t, stats))
+                self._live.append(wid)
+                self._running += 1
+                started.append(t)
+        if not started:
+            self.tasks.wake_all()  # idle retiring workers re-check at once
+        for t in started:
             t.start()
+
+    def running_workers(self) -> int:
+        """Worker threads started and not yet exited (retiring ones included)."""
+        with self._lock:
+            return self._running
+
+    def _retiring_now(self, wid: int) -> bool:
+        with self._lock:
+            return wid in self._retiring
 
     def submit(self, batch: BatchState, positions: list[int]) -> None:
         """Queue the samples of ``batch`` at ``positions`` (the others are already loaded)."""
@@ -129,13 +176,16 @@ class ThreadPool:
         it exits as soon as that call returns. Such threads are daemons, reported
         here and by the stall watchdog, and never block interpreter exit.
         """
-        self.stop.set()
+        with self._lock:
+            self.stop.set()
         self.tasks.close()
         self.ready.close()
         me = threading.current_thread()
         alive = []
         deadline = time.monotonic() + timeout  # one deadline for the pool, not per thread
-        for t, _ in self.workers:
+        with self._lock:  # stop is set: no worker starts after this snapshot
+            workers = list(self.workers)
+        for t, _ in workers:
             if t is me:
                 continue
             t.join(max(0.0, deadline - time.monotonic()))
@@ -148,10 +198,11 @@ class ThreadPool:
 
 def _worker_main(pool: ThreadPool, wid: int, stats: WorkerStats) -> None:
     try:
+        limit_intra_op_threads()  # like torch's worker processes (see _intraop)
         if pool._worker_init_fn is not None:
             pool._worker_init_fn(wid)
         with pool._worker_context():
-            _worker_loop(pool, stats)
+            _worker_loop(pool, wid, stats)
     except BaseException as exc:
         # worker_init_fn (or the framework) failed: surface it through the ready
         # buffer as a batch error so the consumer raises instead of waiting.
@@ -161,16 +212,23 @@ def _worker_main(pool: ThreadPool, wid: int, stats: WorkerStats) -> None:
         pool.ready.put(-1, None)  # wake the consumer
     finally:
         stats.current_index = None
+        with pool._lock:
+            pool._retiring.discard(wid)
+            if wid in pool._live:
+                pool._live.remove(wid)
+            pool._running -= 1
         if pool._on_worker_exit is not None:
             with contextlib.suppress(Exception):
                 pool._on_worker_exit()
         pool.telemetry.retire(stats)
 
 
-def _worker_loop(pool: ThreadPool, stats: WorkerStats) -> None:
+def _worker_loop(pool: ThreadPool, wid: int, stats: WorkerStats) -> None:
     stop = pool.stop
     share = pool.share
     while not stop.is_set():
+        if pool._retiring_now(wid):
+            return
         tasks = pool.tasks.get(POLL_S, max_items=share)
         if tasks is CLOSED:
             return
@@ -179,7 +237,14 @@ def _worker_loop(pool: ThreadPool, stats: WorkerStats) -> None:
         for _, pos, batch in tasks:
             if stop.is_set():
                 return
+            observer = pool.observer
+            if observer is None:
+                _run_task(pool, stats, stop, pos, batch)
+                continue
+            wall, cpu = stats.fetch_wall_s, stats.fetch_cpu_s
             _run_task(pool, stats, stop, pos, batch)
+            observer(wid, stats.fetch_wall_s - wall, stats.fetch_cpu_s - cpu,
+                     pool.running_workers())
 
 
 def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: int,

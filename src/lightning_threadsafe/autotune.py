@@ -1,6 +1,8 @@
-"""Tuning the loader's knobs: a start-up probe and a measured hill-climber.
+"""Tuning the loader's knobs: a probe and a measured hill-climber.
 
-:func:`probe` picks first settings for ``"auto"`` from a handful of samples.
+:class:`OnlineProbe` picks first settings for ``"auto"`` from the first samples
+the worker pool loads (no start-up phase); :func:`probe` applies the same rules
+synchronously where a decision is needed before loading starts.
 :class:`HillClimbTuner` then refines ``num_workers``, ``prefetch`` and the
 executor from measured windows (one ``step`` per window, e.g. per epoch).
 
@@ -75,6 +77,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_threadsafe._intraop import limit_intra_op_threads
 from lightning_threadsafe.bottleneck import Bottleneck, Verdict, usable_cpu_count
 from lightning_threadsafe.telemetry import TelemetryWindow
 
@@ -533,7 +536,11 @@ class ProbeResult:
 
 # Thresholds of the probe (see probe's docstring).
 _CPU_HEAVY_RATIO = 0.5
+_CPU_BOUND_RATIO = 0.85  # threads compute at least this share of the time: one per core
 _GIL_SPEEDUP = 1.3
+_SCALING_CORES = 1.3  # the probe's threads burn more cores than this: not GIL-bound
+_WAITING_CORES = 0.7  # ... fewer than this: they mostly wait (a GIL-bound pool burns ~1)
+_MAX_PROBE_THREADS = 8
 _MAX_PROBE_PREFETCH = 32
 # Threads for latency-bound samples: cores / (cpu/wall) would just fill the cores if the
 # samples' CPU cost stayed as measured alone; it grows under contention (cache, GIL
@@ -541,7 +548,6 @@ _MAX_PROBE_PREFETCH = 32
 _LATENCY_HEADROOM = 1.5
 _TINY_SAMPLE_S = 2e-4  # below this per-sample wall time, loader overhead dominates: threads
 _MIN_PROCESS_SAMPLE_S = 1e-3  # processes only pay off when a sample costs more than IPC does
-_GIL_PROCESS_CORES = 1.3  # two GIL-bound threads burn at most ~one core of process CPU
 _JOIN_POLL_S = 0.1
 
 
@@ -553,44 +559,73 @@ def probe(
     max_workers: int | None = None,
     batch_size: int | None = None,
     prefetch_per_worker: bool = True,
+    serial: int | None = None,
     clock: Callable[[], float] = time.perf_counter,
     thread_clock: Callable[[], float] = time.thread_time,
     process_clock: Callable[[], float] = time.process_time,
 ) -> ProbeResult:
-    """Pick start-up settings for ``"auto"`` from a few samples.
+    """Pick start-up settings for ``"auto"`` from a few samples, concurrent first.
 
-    1. The first half of ``indices`` is loaded serially, timing each sample's
-       wall (``clock``) and thread CPU (``thread_clock``); the first sample is a
-       warm-up and is left out of the means when there are at least three.
-    2. With two or more cores, the second half is loaded by two threads
-       (``lts-probe-0``/``-1``, joined before returning) and the speedup is
-       ``serial wall per sample * count / concurrent wall``.
-    3. Choice, with ``ratio = cpu / wall`` of a serial sample: tiny samples
-       (< 0.2 ms) are loaded inline, ``num_workers=0`` (handing them to a thread
-       costs more than loading them; processes would add IPC); ``"process"`` with ``num_workers = cpu_count`` when the samples
-       are CPU-heavy (``ratio >= 0.5``), take at least 1 ms, two threads give
-       less than a 1.3x speedup *and* burn at most ~1.3 cores of process CPU
-       meanwhile (``process_clock``): the GIL serialises them. Samples that
-       already use several cores (torch intra-op threads) or starve on a loaded
-       machine show more process CPU or no GIL signature and stay on threads.
-       Otherwise ``"thread"`` with
-       ``num_workers = ceil(cpu_count / ratio)`` — the threads that keep every core
-       busy while the others wait on I/O (``cpu_count`` for CPU-bound samples;
-       ``ratio`` is the lower of the serial and the warmer concurrent phase) —
-       capped at ``max_workers`` (default ``min(64, 8 * cpu_count)``).
-       ``prefetch`` is 2 per worker (torch's default ``prefetch_factor``); with
-       ``prefetch_per_worker=False`` and a ``batch_size`` in thread mode it is the
-       total look-ahead ``max(2, ceil(2 * num_workers / batch_size))`` (two samples
-       in flight per thread, capped at 32).
+    The probe loads real samples (the loader keeps them: they are the epoch's
+    first), so in the common case it costs the time to first batch nothing
+    beyond loading that batch on every core.
+
+    1. **Concurrent phase.** The first ``n - serial`` of the ``n`` indices are
+       loaded by ``k = min(cpu_count, n_concurrent // 2, 8)`` threads
+       (``lts-probe-<i>``, one torch intra-op thread each, like the loader's
+       workers) that take indices from a shared counter. Measured over the
+       steady window -- from the moment every thread finished its first (cold)
+       sample to the moment the first thread found no more work, i.e. while all
+       ``k`` threads were busy; the whole phase if that window is empty -- the
+       process CPU burnt, in cores: ``P``. The threads' compute share is
+       ``ratio = P / k`` (capped at 1).
+    2. **Choice**, by what ``P`` rules out:
+
+       * tiny samples (under 0.2 ms of CPU each, and of wall time per thread
+         even if the GIL serialised the ``k`` threads): ``num_workers=0``, loaded inline
+         (handing them to threads or processes costs more than loading them);
+       * ``P >= 1.3``: the threads ran in parallel, so the GIL is not the limit:
+         threads;
+       * ``P < 0.7``: the threads mostly waited (I/O latency); a GIL-bound pool
+         always has one thread running, so it burns about one core: threads;
+       * otherwise ``P`` is about one core: GIL-bound, *or* samples that wait
+         just ``1 - 1/k`` of their time. The last ``serial`` indices are
+         then loaded serially on one thread (``lts-probe-serial``) and
+         ``speedup = P / serial_ratio`` (how many serial loads ran at once;
+         ``serial_ratio`` = cpu/wall of a lone sample). CPU-heavy samples
+         (``serial_ratio >= 0.5``, at least 1 ms) with ``speedup < 1.3`` are
+         GIL-bound: ``"process"``, one worker per core. Others: threads.
+
+       With one core there is no concurrency to test (processes cannot help
+       either): the first part is loaded serially on the calling thread, the
+       first sample as a warm-up, and only sizes the threads.
+    3. **Threads**: ``cpu_count`` when ``ratio >= 0.85`` (CPU-bound);
+       ``ceil(cpu_count / ratio)`` when ``ratio >= 0.5``; latency-bound samples
+       get 1.5x headroom, ``ceil(1.5 * cpu_count / ratio)``; all capped at
+       ``max_workers`` (default ``min(64, 8 * cpu_count)``). ``ratio`` is the
+       lower of the concurrent and (if measured) the serial one. ``prefetch``
+       is 2 per worker (torch's default ``prefetch_factor``); with
+       ``prefetch_per_worker=False`` and a ``batch_size`` in thread mode it is
+       the total look-ahead ``max(2, ceil(2 * num_workers / batch_size))``
+       (two samples in flight per thread, capped at 32).
+
+    Evidence (``ProbeResult.evidence``): ``threads`` (k), ``wall_ms`` (thread-seconds
+    per sample: ``k`` x the phase's wall time / samples), ``cpu_ms`` (mean thread
+    CPU per sample),
+    ``process_cores`` (P), ``cpu_wall_ratio`` (the ratio used for sizing),
+    ``serial_cpu_wall_ratio`` and ``speedup`` (``None`` unless the serial phase
+    ran), ``samples_concurrent``, ``samples_serial``, ``cpu_count``, ``reason``.
 
     Args:
         load: loads one sample (``dataset.__getitem__``); its result is dropped.
-        indices: at least four dataset indices to probe with.
+        indices: at least four dataset indices to probe with, in loading order.
         cpu_count: usable cores (default: this process's affinity mask).
         max_workers: cap on the thread count.
         batch_size: the loader's batch size, to size a total prefetch.
         prefetch_per_worker: whether ``prefetch`` counts batches per worker (default)
             or in total.
+        serial: how many of the last indices are kept for the serial phase
+            (default ``n // 3``; at least 2 must remain for the concurrent phase).
         clock, thread_clock, process_clock: wall, per-thread CPU and process CPU clocks
             (injectable for tests).
 
@@ -606,7 +641,7 @@ def probe(
     indices = list(indices)
     if len(indices) < 4:
         raise ValueError(f"indices={indices!r} must hold at least 4 indices "
-                         f"(half loaded serially, half by two threads)")
+                         f"(most loaded concurrently, the rest serially if needed)")
     if cpu_count is None:
         cpu_count = usable_cpu_count()
     _check_int("cpu_count", cpu_count, 1)
@@ -616,117 +651,389 @@ def probe(
     if batch_size is not None:
         _check_int("batch_size", batch_size, 1)
 
-    half = len(indices) // 2
-    serial, concurrent = indices[:half], indices[half:2 * half]
-    walls, cpus = [], []
-    for i in serial:
-        w0, c0 = clock(), thread_clock()
-        load(i)
-        cpus.append(thread_clock() - c0)
-        walls.append(clock() - w0)
-    if len(walls) >= 3:
-        walls, cpus = walls[1:], cpus[1:]
-    wall = max(sum(walls) / len(walls), 0.0)
-    cpu = max(sum(cpus) / len(cpus), 0.0)
-    ratio = min(cpu / wall, 1.0) if wall > 0 else 1.0
+    if serial is None:
+        serial = len(indices) // 3
+    if isinstance(serial, bool) or not isinstance(serial, int) or not \
+            0 <= serial <= len(indices) - 2:
+        raise ValueError(f"serial={serial!r} must be an int in [0, {len(indices) - 2}] "
+                         f"(at least 2 of the {len(indices)} indices load concurrently)")
+    first = indices[:len(indices) - serial]
+    rest = indices[len(first):]
+    rules = _Rules(cpu_count, max_workers, batch_size, prefetch_per_worker)
+    if cpu_count == 1:
+        walls, cpus = _load_serially(load, first, clock, thread_clock)
+        if len(walls) >= 3:  # the first sample is a warm-up
+            walls, cpus = walls[1:], cpus[1:]
+        return rules.one_core(walls, cpus)
+    k = max(2, min(cpu_count, len(first) // 2, _MAX_PROBE_THREADS))
+    run = _load_concurrently(load, first, k, clock, thread_clock, process_clock)
+    state = rules.concurrent(k, samples=run.samples, elapsed_s=run.elapsed_s, cpu_s=run.cpu_s,
+                             process_cores=run.process_cores)
+    if state.needs_serial and rest:
+        walls, cpus = _load_serially(load, rest, clock, thread_clock,
+                                     thread_name="lts-probe-serial")
+        return rules.after_serial(state, walls, cpus)
+    return rules.decide(state)
 
-    speedup: float | None = None
-    process_cores: float | None = None
-    evidence_concurrent_ratio = None
-    if cpu_count >= 2:
-        t0, p0 = clock(), process_clock()
-        c_wall, c_cpu = _load_in_two_threads(load, concurrent, clock, thread_clock)
-        elapsed = clock() - t0
-        # The serial samples come first and pay the cold start (page faults, pools
-        # spinning up), which inflates their CPU share; the concurrent ones are warmer.
-        # Size threads from the lower CPU share of the two phases.
-        if c_wall > 0:
-            concurrent_ratio = min(c_cpu / c_wall, 1.0)
-            evidence_concurrent_ratio: float | None = concurrent_ratio
+
+@dataclass
+class _ConcurrentState:
+    """What the concurrent phase of a probe found (see :func:`probe`)."""
+
+    evidence: dict[str, Any]
+    kind: str  # "parallel" | "waiting" | "one core busy"
+    ratio: float
+    tiny: bool
+
+    @property
+    def needs_serial(self) -> bool:
+        return not self.tiny and self.kind == "one core busy"
+
+
+@dataclass(frozen=True)
+class _Rules:
+    """The probe's decision rules, shared by :func:`probe` and :class:`OnlineProbe`."""
+
+    cpu_count: int
+    max_workers: int
+    batch_size: int | None
+    prefetch_per_worker: bool
+
+    def _base(self) -> dict[str, Any]:
+        return {"cpu_count": self.cpu_count, "serial_cpu_wall_ratio": None, "speedup": None,
+                "samples_serial": 0}
+
+    def one_core(self, walls: Sequence[float], cpus: Sequence[float]) -> ProbeResult:
+        wall = sum(walls) / max(len(walls), 1)
+        ratio = round(min(sum(cpus) / sum(walls), 1.0), 6) if sum(walls) > 0 else 1.0
+        evidence = self._base()
+        evidence.update(threads=0, wall_ms=1e3 * wall, cpu_ms=1e3 * sum(cpus) / max(len(cpus), 1),
+                        process_cores=None, cpu_wall_ratio=ratio, samples_concurrent=0,
+                        samples_serial=len(walls))
+        return self.decide(_ConcurrentState(evidence, "one core", ratio,
+                                            tiny=wall < _TINY_SAMPLE_S))
+
+    def concurrent(self, k: int, *, samples: int, elapsed_s: float, cpu_s: float,
+                   process_cores: float) -> _ConcurrentState:
+        samples = max(samples, 1)
+        wall = k * elapsed_s / samples  # thread-seconds per sample
+        cpu = cpu_s / samples
+        cores = round(max(process_cores, 0.0), 6)  # measured: exact thresholds mean nothing
+        ratio = round(min(cores / k, 1.0), 6)
+        evidence = self._base()
+        evidence.update(threads=k, wall_ms=1e3 * wall, cpu_ms=1e3 * cpu, process_cores=cores,
+                        cpu_wall_ratio=ratio, samples_concurrent=samples)
+        kind = ("parallel" if cores >= _SCALING_CORES else
+                "waiting" if cores < _WAITING_CORES else "one core busy")
+        tiny = cpu < _TINY_SAMPLE_S and wall < k * _TINY_SAMPLE_S  # even if GIL-serialised
+        return _ConcurrentState(evidence, kind, ratio, tiny)
+
+    def after_serial(self, state: _ConcurrentState, walls: Sequence[float],
+                     cpus: Sequence[float]) -> ProbeResult:
+        ev = state.evidence
+        k, cores = int(ev["threads"]), float(ev["process_cores"])
+        s_wall = sum(walls) / max(len(walls), 1)
+        s_ratio = round(min(sum(cpus) / sum(walls), 1.0), 6) if sum(walls) > 0 else 1.0
+        speedup = round(cores / s_ratio, 6) if s_ratio > 0 else float(k)
+        ev.update(serial_cpu_wall_ratio=s_ratio, speedup=speedup, samples_serial=len(walls))
+        if s_ratio >= _CPU_HEAVY_RATIO and s_wall >= _MIN_PROCESS_SAMPLE_S \
+                and speedup < _GIL_SPEEDUP:
+            ev["reason"] = (f"CPU-heavy samples (cpu/wall {s_ratio:.2f} alone) gain only "
+                            f"{speedup:.2f}x from {k} threads, which burn {cores:.2f} cores: "
+                            "GIL-bound")
+            return ProbeResult("process", min(self.cpu_count, self.max_workers), 2, ev)
+        state.ratio = min(state.ratio, s_ratio)
+        ev["cpu_wall_ratio"] = state.ratio
+        return self.decide(state)
+
+    def decide(self, state: _ConcurrentState) -> ProbeResult:
+        ev, ratio = state.evidence, state.ratio
+        if state.tiny:
+            ev["reason"] = (f"tiny samples ({ev['cpu_ms'] * 1e3:.0f} us of CPU): handing them "
+                            "to threads or processes costs more than loading them, so load "
+                            "inline")
+            return ProbeResult("thread", 0, 2, ev)
+        cores = self.cpu_count
+        if ratio >= _CPU_BOUND_RATIO:
+            workers = cores
+        elif ratio >= _CPU_HEAVY_RATIO:
+            workers = math.ceil(cores / ratio - 1e-9)  # 1e-9: ratios are rounded
+        elif ratio > 0:
+            workers = math.ceil(_LATENCY_HEADROOM * cores / ratio - 1e-9)
         else:
-            evidence_concurrent_ratio = None
-        speedup = wall * len(concurrent) / elapsed if elapsed > 0 else 2.0
-        process_cores = (process_clock() - p0) / elapsed if elapsed > 0 else None
-
-    evidence: dict[str, Any] = {
-        "serial_wall_ms": 1000.0 * wall,
-        "serial_cpu_ms": 1000.0 * cpu,
-        "cpu_wall_ratio": ratio,
-        "speedup_2_threads": speedup,
-        "process_cores_2_threads": process_cores,
-        "concurrent_cpu_wall_ratio": evidence_concurrent_ratio,
-        "samples_serial": len(serial),
-        "samples_concurrent": len(concurrent) if speedup is not None else 0,
-        "cpu_count": cpu_count,
-    }
-    if wall < _TINY_SAMPLE_S:
-        evidence["reason"] = (f"tiny samples ({1e6 * wall:.0f} us): handing them to threads or "
-                              f"processes costs more than loading them, so load inline")
-        return ProbeResult("thread", 0, 2, evidence)
-    # GIL-bound: CPU-heavy samples that two threads cannot speed up AND whose two threads
-    # burn no more than about one core of process CPU (the GIL lets one run at a time).
-    # The last test keeps samples that already use several cores (torch intra-op
-    # threads) or that starve on a loaded machine from being sent to processes.
-    gil_bound = (
-        ratio >= _CPU_HEAVY_RATIO and speedup is not None and speedup < _GIL_SPEEDUP
-        and wall >= _MIN_PROCESS_SAMPLE_S
-        and (process_cores is None or process_cores <= _GIL_PROCESS_CORES)
-    )
-    if gil_bound:
-        assert speedup is not None
-        workers = min(cpu_count, max_workers)
-        evidence["reason"] = (f"CPU-heavy samples (cpu/wall {ratio:.2f}) gain only "
-                              f"{speedup:.2f}x from two threads, which burn "
-                              f"{process_cores or 0:.2f} cores: GIL-bound")
-        return ProbeResult("process", workers, 2, evidence)
-    sizing = ratio if evidence_concurrent_ratio is None else min(ratio, evidence_concurrent_ratio)
-    headroom = _LATENCY_HEADROOM if sizing < _CPU_HEAVY_RATIO else 1.0
-    if sizing > 0:
-        workers = min(max_workers, max(1, math.ceil(headroom * cpu_count / sizing)))
-    else:
-        workers = max_workers
-    prefetch = 2
-    if batch_size is not None and not prefetch_per_worker:
-        prefetch = min(_MAX_PROBE_PREFETCH, max(2, math.ceil(2 * workers / batch_size)))
-    kind = "latency-bound" if ratio < _CPU_HEAVY_RATIO else "CPU-bound, threads scale"
-    evidence["reason"] = f"{kind} samples (cpu/wall {ratio:.2f}): {workers} threads"
-    return ProbeResult("thread", workers, prefetch, evidence)
+            workers = self.max_workers
+        workers = max(1, min(self.max_workers, workers))
+        prefetch = 2
+        if self.batch_size is not None and not self.prefetch_per_worker:
+            prefetch = min(_MAX_PROBE_PREFETCH, max(2, math.ceil(2 * workers / self.batch_size)))
+        cores_txt = f"{ev['process_cores'] or 0:.2f}"
+        what = {"parallel": f"threads ran in parallel ({cores_txt} cores)",
+                "waiting": f"threads mostly wait ({cores_txt} cores busy)",
+                "one core busy": f"{ev['speedup'] or 0:.2f}x from {ev['threads']} threads: "
+                                 "not GIL-bound",
+                "one core": "one core"}[state.kind]
+        bound = "latency-bound" if ratio < _CPU_HEAVY_RATIO else "CPU-bound"
+        ev["reason"] = f"{bound} samples (cpu/wall {ratio:.2f}; {what}): {workers} threads"
+        return ProbeResult("thread", workers, prefetch, ev)
 
 
-def _load_in_two_threads(load: Callable[[int], object], indices: Sequence[int],
-                         clock: Callable[[], float] = time.perf_counter,
-                         thread_clock: Callable[[], float] = time.thread_time,
-                         ) -> tuple[float, float]:
-    """Load ``indices`` with two threads; re-raise the first exception of ``load``.
+class OnlineProbe:
+    """The ``"auto"`` probe run inside the live worker pool: no start-up phase.
 
-    Returns the summed per-sample ``(wall, thread CPU)`` seconds of the loads.
+    The loader starts loading at once with ``threads`` provisional worker
+    threads; each worker reports every completed sample (:meth:`observe`) until
+    a decision is made, and the rules are those of :func:`probe`:
+
+    1. *Warm-up*: until each of the first ``threads`` workers finished one sample
+       (first samples pay cold starts: thread start, allocator, caches).
+    2. *Concurrent window*: the next ``window`` samples (default ``max(4, 2 *
+       threads)``) -- process CPU over the window in cores (``P``), thread CPU per
+       sample, thread-seconds per sample (the window also closes after two
+       samples once it lasted ``enough_s``). Tiny samples: inline; ``P >= 1.3`` or
+       ``P < 0.7``: threads, sized; otherwise (about one core busy):
+    3. *Serial*: :attr:`wanted_workers` drops to 1 (the consumer retires the
+       others); once one worker is left, ``serial`` samples (or two, once they
+       took ``enough_s``) timed alone tell
+       GIL-bound (processes) from waiting (threads). With one provisional thread
+       (one core) the window's samples only size the threads.
+
+    Thread-safety: :meth:`observe` is called by any worker thread, concurrently;
+    every field is guarded by ``_lock``. :attr:`result` (set once) and
+    :attr:`wanted_workers` are published by single reference stores under the
+    lock and read without it: the reporting worker shrinks the pool for the
+    serial phase at once; the consumer applies the result (the loader's
+    settings, a larger pool, or a switch of executor).
+
+    Args:
+        threads: provisional worker threads the pool started with (>= 1).
+        cpu_count, max_workers, batch_size, prefetch_per_worker: as for :func:`probe`.
+        window: samples in the concurrent window (>= 2).
+        serial: samples timed alone when the window is ambiguous (>= 1).
+        enough_s: a phase also ends after 2 samples once it has lasted this long
+            (window: wall time; serial: summed sample time), so slow samples are
+            not measured longer than needed.
+        clock, process_clock: wall and process-CPU clocks (injectable for tests).
     """
-    totals = [0.0, 0.0]  # guarded by errors_lock
-    # stop: set by the first failing thread (or an interrupted caller); each thread
-    # checks it between samples. errors: appended by threads, read after the join.
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    errors_lock = threading.Lock()  # guards `errors` (threads append, caller reads after join)
 
-    def run(part: Sequence[int]) -> None:
-        for i in part:
-            if stop.is_set():
+    def __init__(self, *, threads: int, cpu_count: int | None = None,
+                 max_workers: int | None = None, batch_size: int | None = None,
+                 prefetch_per_worker: bool = True, window: int | None = None, serial: int = 4,
+                 enough_s: float = 0.03, clock: Callable[[], float] = time.perf_counter,
+                 process_clock: Callable[[], float] = time.process_time) -> None:
+        if cpu_count is None:
+            cpu_count = usable_cpu_count()
+        _check_int("threads", threads, 1)
+        _check_int("cpu_count", cpu_count, 1)
+        if max_workers is None:
+            max_workers = min(64, 8 * cpu_count)
+        _check_int("max_workers", max_workers, 1)
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, 1)
+        if window is None:
+            window = max(4, 2 * threads)
+        _check_int("window", window, 2)
+        _check_int("serial", serial, 1)
+        if not isinstance(enough_s, (int, float)) or isinstance(enough_s, bool) or enough_s <= 0:
+            raise ValueError(f"enough_s={enough_s!r} must be a positive number of seconds")
+        self.threads = threads
+        self.result: ProbeResult | None = None
+        self.wanted_workers = threads
+        self._rules = _Rules(cpu_count, max_workers, batch_size, prefetch_per_worker)
+        self._window = window
+        self._serial = serial
+        self._enough_s = enough_s
+        self._clock = clock
+        self._process_clock = process_clock
+        # Everything below is guarded by _lock.
+        self._lock = threading.Lock()
+        self._warm: set[int] = set()  # ids of workers that finished their first sample
+        self._start: tuple[float, float] | None = None  # (wall, process CPU) at window start
+        self._walls: list[float] = []  # per-sample wall / thread CPU: the window, then serial
+        self._cpus: list[float] = []
+        self._state: _ConcurrentState | None = None  # set when the serial phase starts
+        self._serial_open = False  # one worker left: the serial samples count from now
+
+    def observe(self, worker: int, *, wall_s: float, cpu_s: float, live_workers: int) -> None:
+        """A worker finished a sample that took ``wall_s`` / ``cpu_s`` (thread CPU)."""
+        if self.result is not None:
+            return
+        with self._lock:
+            if self.result is not None:
+                return
+            if self._state is None:
+                self._observe_concurrent(worker, wall_s, cpu_s)
+            elif live_workers <= 1:
+                if not self._serial_open:
+                    # samples that started while other workers ran do not count
+                    self._serial_open = True
+                    return
+                self._walls.append(wall_s)
+                self._cpus.append(cpu_s)
+                n = len(self._walls)
+                if n >= self._serial or (n >= 2 and sum(self._walls) >= self._enough_s):
+                    self._publish(self._rules.after_serial(self._state, self._walls, self._cpus))
+
+    def _observe_concurrent(self, worker: int, wall_s: float, cpu_s: float) -> None:
+        if self._start is None:
+            self._warm.add(worker)
+            if len(self._warm) >= self.threads:
+                self._start = (self._clock(), self._process_clock())
+            return
+        self._walls.append(wall_s)
+        self._cpus.append(cpu_s)
+        n = len(self._walls)
+        if n >= self._window or (n >= 2 and self._clock() - self._start[0] >= self._enough_s):
+            self._close_window()
+
+    def _close_window(self) -> None:
+        assert self._start is not None
+        if self.threads == 1:
+            self._publish(self._rules.one_core(self._walls, self._cpus))
+            return
+        now, cpu_now = self._clock(), self._process_clock()
+        elapsed = now - self._start[0]
+        cores = (cpu_now - self._start[1]) / elapsed if elapsed > 0 else float(self.threads)
+        state = self._rules.concurrent(self.threads, samples=len(self._walls), elapsed_s=elapsed,
+                                       cpu_s=sum(self._cpus), process_cores=cores)
+        if state.needs_serial:
+            self._state = state
+            self._walls, self._cpus = [], []
+            self.wanted_workers = 1
+        else:
+            self._publish(self._rules.decide(state))
+
+    def _publish(self, result: ProbeResult) -> None:
+        result.evidence["online"] = True
+        if result.executor == "thread" and result.num_workers > 0:
+            self.wanted_workers = result.num_workers
+        self.result = result
+
+    def finish(self) -> ProbeResult:
+        """Decide with what was seen so far (the epoch ended before a decision)."""
+        with self._lock:
+            if self.result is None:
+                if self._state is not None:
+                    self._publish(self._rules.after_serial(self._state, self._walls, self._cpus)
+                                  if self._walls else self._rules.decide(self._state))
+                elif self._start is not None and self._walls:
+                    self._close_window()
+                    if self.result is None:  # would need a serial phase: no samples left
+                        assert self._state is not None
+                        self._publish(self._rules.decide(self._state))
+                else:
+                    cores = self._rules.cpu_count
+                    self._publish(ProbeResult("thread", min(cores, self._rules.max_workers), 2, {
+                        "reason": "too few samples to probe: one thread per core",
+                        "cpu_count": cores}))
+            assert self.result is not None
+            return self.result
+
+
+@dataclass
+class _ConcurrentRun:
+    """What :func:`_load_concurrently` measured."""
+
+    samples: int  # loaded
+    elapsed_s: float  # wall time of the whole phase
+    cpu_s: float  # summed per-sample thread CPU
+    process_cores: float  # process CPU / wall over the steady window
+
+
+def _load_serially(load: Callable[[int], object], indices: Sequence[int],
+                   clock: Callable[[], float], thread_clock: Callable[[], float],
+                   thread_name: str | None = None) -> tuple[list[float], list[float]]:
+    """Per-sample ``(walls, cpus)`` of loading ``indices`` one by one.
+
+    On the calling thread, or with ``thread_name`` on one fresh thread (one
+    intra-op torch thread, like the workers) that the caller joins.
+    """
+    walls: list[float] = []
+    cpus: list[float] = []
+
+    def run(_: int, stop: threading.Event | None = None) -> None:
+        for i in indices:
+            if stop is not None and stop.is_set():
                 return
             w0, c0 = clock(), thread_clock()
-            try:
-                load(i)
-            except BaseException as exc:
-                with errors_lock:
-                    errors.append(exc)
-                stop.set()
-                return
-            w, c = clock() - w0, thread_clock() - c0
-            with errors_lock:
-                totals[0] += w
-                totals[1] += c
+            load(i)
+            cpus.append(thread_clock() - c0)
+            walls.append(clock() - w0)
 
-    threads = [threading.Thread(target=run, args=(indices[n::2],), name=f"lts-probe-{n}",
-                                daemon=True) for n in range(2)]
+    if thread_name is None:
+        run(0)
+    else:
+        _run_threads(run, [thread_name])
+    return walls, cpus
+
+
+def _load_concurrently(load: Callable[[int], object], indices: Sequence[int], k: int,
+                       clock: Callable[[], float], thread_clock: Callable[[], float],
+                       process_clock: Callable[[], float]) -> _ConcurrentRun:
+    """Load ``indices`` on ``k`` threads taking them from a shared counter."""
+    # All of the following are guarded by `lock`: the threads take the next position
+    # and record their results under it; the caller reads them after the join.
+    lock = threading.Lock()
+    nxt = [0]
+    totals = [0, 0.0]  # samples, thread CPU
+    warm: list[tuple[float, float]] = []  # (wall, process CPU) as each thread's 1st sample ended
+    idle: list[tuple[float, float]] = []  # ... as the first thread found no more work
+
+    def run(_: int, stop: threading.Event) -> None:
+        done = 0
+        while not stop.is_set():
+            with lock:
+                pos = nxt[0]
+                if pos >= len(indices):
+                    if not idle:
+                        idle.append((clock(), process_clock()))
+                    return
+                nxt[0] = pos + 1
+            c0 = thread_clock()
+            load(indices[pos])
+            c = thread_clock() - c0
+            done += 1
+            with lock:
+                totals[0] += 1
+                totals[1] += c
+                if done == 1:
+                    warm.append((clock(), process_clock()))
+
+    start = (clock(), process_clock())
+    _run_threads(run, [f"lts-probe-{n}" for n in range(k)])
+    end = (clock(), process_clock())
+    with lock:
+        window = (max(warm), idle[0]) if warm and idle else (start, end)
+        if window[1][0] - window[0][0] <= 0:
+            window = (start, end)
+        samples, cpu_s = int(totals[0]), float(totals[1])
+    (w0, p0), (w1, p1) = window
+    cores = (p1 - p0) / (w1 - w0) if w1 > w0 else float(k)
+    return _ConcurrentRun(max(samples, 1), max(end[0] - start[0], 0.0), cpu_s, max(cores, 0.0))
+
+
+def _run_threads(target: Callable[[int, threading.Event], None], names: Sequence[str]) -> None:
+    """Run ``target(n, stop)`` on one thread per name; join them; re-raise the first exception.
+
+    Each thread runs torch ops on one intra-op thread (like the loader's workers).
+    ``target`` checks ``stop`` between samples: the first failure (or an
+    interrupted caller) sets it, so the other threads stop early.
+    """
+    # errors: appended by the threads, read after the join (guarded by errors_lock).
+    errors: list[BaseException] = []
+    errors_lock = threading.Lock()
+    stop = threading.Event()
+
+    def main(n: int) -> None:
+        try:
+            limit_intra_op_threads()
+            target(n, stop)
+        except BaseException as exc:
+            with errors_lock:
+                errors.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=main, args=(n,), name=name, daemon=True)
+               for n, name in enumerate(names)]
     for t in threads:
         t.start()
     try:
@@ -738,7 +1045,6 @@ def _load_in_two_threads(load: Callable[[int], object], indices: Sequence[int],
     finally:
         stop.set()
     with errors_lock:
-        first = errors[0] if errors else None
-    if first is not None:
-        raise first
-    return totals[0], totals[1]
+        first_error = errors[0] if errors else None
+    if first_error is not None:
+        raise first_error

@@ -52,13 +52,18 @@ from lightning_threadsafe.config import (
 from lightning_threadsafe.errors import SampleLoadError
 from lightning_threadsafe.manager import ThreadSafetyManager
 from lightning_threadsafe.sampler import BatchPlan, DistributedInfo
+from lightning_threadsafe.telemetry import WorkerStats
 
 __all__ = ["ThreadedDataLoader"]
 
 T = TypeVar("T")
 
 _STATE_VERSION = 1
-_PROBE_SAMPLES = 8  # samples the "auto" probe times (half serially, half on two threads)
+# Samples the "auto" probe loads concurrently (at least, or the first batch up to the
+# maximum), plus the few it loads serially only when the concurrent ones are ambiguous.
+_PROBE_CONCURRENT = (8, 32)
+_PROBE_SERIAL = 4
+_PROBE_THREADS = 8  # at most this many provisional threads while the online probe runs
 
 
 def _usable_cpus() -> int:
@@ -396,8 +401,11 @@ class ThreadedDataLoader(Generic[T]):
         skip = set(resume["delivered"]) if resume is not None else set()
         source = self._source(epoch, skip)
         prefilled: dict[tuple[int, int], Any] = {}
+        online = None
         if self._needs_probe():
-            source, prefilled = self._probe_first_batches(source, epoch)
+            online = self._online_probe()
+            if online is None:
+                source, prefilled = self._probe_first_batches(source, epoch)
         executor = self._settings["executor"]
         it: BaseIterator
         if self._iterable:
@@ -406,9 +414,25 @@ class ThreadedDataLoader(Generic[T]):
             it = ProcessIterator(self, epoch, source, sorted(skip), generator_state)
         else:
             it = ThreadIterator(self, epoch, source, sorted(skip), generator_state,
-                                prefilled=prefilled)
+                                prefilled=prefilled, probe=online)
         self._current = weakref.ref(it)
         return it
+
+    def _online_probe(self) -> Any:
+        """An :class:`~lightning_threadsafe.autotune.OnlineProbe` when "auto" can be
+        resolved inside a running thread pool (map-style data, threads possible);
+        ``None`` when settings are needed before loading starts (explicit processes,
+        ``num_workers=0``, iterable datasets): the synchronous probe runs then."""
+        s = self._settings
+        if self._iterable or s["executor"] == "process" or s["num_workers"] == 0:
+            return None
+        from lightning_threadsafe.autotune import OnlineProbe
+
+        cpus = _usable_cpus()
+        nw = s["num_workers"]
+        threads = min(cpus, _PROBE_THREADS) if nw == "auto" else int(nw)
+        return OnlineProbe(threads=threads, cpu_count=cpus,
+                           window=max(4, 2 * threads), serial=_PROBE_SERIAL)
 
     def _epoch_started(self, epoch: int) -> None:
         """Called by an iterator at its first delivery (or when it ends empty)."""
@@ -440,7 +464,8 @@ class ThreadedDataLoader(Generic[T]):
         if not self._needs_probe():
             return
         n = len(self.dataset) if hasattr(self.dataset, "__len__") and not self._iterable else 0
-        source = iter([(0, list(range(min(n, _PROBE_SAMPLES))))] if n else [])
+        count = _PROBE_CONCURRENT[0] + _PROBE_SERIAL
+        source = iter([(0, list(range(min(n, count))))] if n else [])
         self._probe_first_batches(source, epoch=0)
 
     def _probe_first_batches(
@@ -448,25 +473,31 @@ class ThreadedDataLoader(Generic[T]):
     ) -> tuple[Iterator[tuple[int, list[Any]]], dict[tuple[int, int], Any]]:
         """Resolve "auto" by probing the epoch's first samples, and keep what was loaded.
 
-        The probe loads the first ``_PROBE_SAMPLES`` samples of the epoch's plan
-        (timed serially, then on two threads) under their real sample context, so
+        The probe (:func:`~lightning_threadsafe.autotune.probe`) loads the epoch's
+        first batch (at least 8 samples, at most 32) on one thread per core, and
+        4 more serially only when the concurrent phase cannot tell a GIL-bound
+        dataset from a waiting one. It loads under the real sample context, so
         the values are exactly what the workers would produce: they are returned
-        as ``{(ordinal, position): sample}`` and the first batches start
-        half-loaded -- the probe costs the time to first batch almost nothing. A
-        failing sample ends the probe (default settings apply) and is loaded
-        again by the workers under the error policy.
+        as ``{(ordinal, position): sample}`` and the first batch is ready when
+        the probe ends -- in the common case the probe costs the time to first
+        batch nothing. A failing sample ends the probe (default settings apply)
+        and is loaded again by the workers under the error policy.
         """
         from lightning_threadsafe.autotune import probe
 
         head: list[tuple[int, list[Any]]] = []
         slots: list[tuple[int, int, Any]] = []
+        target = None
         if not self._iterable:
             for ordinal, indices in source:
                 head.append((ordinal, indices))
                 slots.extend((ordinal, pos, i) for pos, i in enumerate(indices))
-                if len(slots) >= _PROBE_SAMPLES:
+                if target is None:  # the first batch, within the bounds
+                    low, high = _PROBE_CONCURRENT
+                    target = max(low, min(len(indices), high)) + _PROBE_SERIAL
+                if len(slots) >= target:
                     break
-        slots = slots[:_PROBE_SAMPLES]
+        slots = slots[:target]
         rest = itertools.chain(head, source)
         loaded: dict[tuple[int, int], Any] = {}
         if len(slots) < 4:
@@ -474,22 +505,36 @@ class ThreadedDataLoader(Generic[T]):
                                "evidence": {"reason": "too few samples to probe"}})
             return rest, loaded
         strict = FetchPolicy(seed=self.seed, on_error="raise", max_retries=0)
-        stats = self._manager.telemetry.register("lts-probe")
-        lock = threading.Lock()  # guards loaded (the probe loads on two threads)
+        telemetry = self._manager.telemetry
+        # One WorkerStats per probe thread (stats are single-writer); lock guards
+        # `loaded` and `registered` (the probe loads on several threads).
+        lock = threading.Lock()
+        per_thread = threading.local()
+        registered: list[WorkerStats] = []
 
         def load(k: int) -> None:
+            stats = getattr(per_thread, "stats", None)
+            if stats is None:
+                stats = per_thread.stats = telemetry.register(threading.current_thread().name)
+                with lock:
+                    registered.append(stats)
             ordinal, pos, index = slots[k]
             value = load_sample(self.dataset, index, epoch=epoch, policy=strict, stats=stats)
             with lock:
                 loaded[(ordinal, pos)] = value
 
+        serial = min(_PROBE_SERIAL, len(slots) // 3)
         try:
-            result = probe(load, range(len(slots)), cpu_count=_usable_cpus()).to_dict()
+            result = probe(load, range(len(slots)), cpu_count=_usable_cpus(),
+                           serial=serial).to_dict()
         except SampleLoadError as exc:
             result = {"executor": "thread", "num_workers": _usable_cpus(), "prefetch": 2,
                       "evidence": {"reason": f"probe stopped by a failing sample: {exc}"}}
         finally:
-            self._manager.telemetry.retire(stats)
+            with lock:
+                done = list(registered)
+            for stats in done:
+                telemetry.retire(stats)
         self._apply_probe(result)
         if self._settings["executor"] == "process":
             loaded = {}  # torch's workers load everything themselves
@@ -701,11 +746,17 @@ class ThreadedDataLoader(Generic[T]):
             if k in s:
                 self._settings[k] = s[k]
 
-    def _depth(self) -> int:
-        nw = self._settings["num_workers"]
+    def _depth(self, workers: int | None = None) -> int:
+        """Batches admitted ahead (prefetch x workers, within the memory budget).
+
+        ``workers``: the live pool size while the online probe runs (settings may
+        still say "auto"; an unresolved prefetch counts as torch's default 2).
+        """
+        nw = self._settings["num_workers"] if workers is None else workers
         pf = self._settings["prefetch_factor"]
-        if nw == "auto" or pf == "auto":
+        if nw == "auto" or (pf == "auto" and workers is None):
             return 0
+        pf = 2 if pf == "auto" else pf
         depth = max(1, int(pf) * max(1, int(nw)))
         gov = self._manager.governor
         return gov.effective_prefetch(depth) if gov is not None else depth

@@ -37,6 +37,12 @@ class ReadyBuffer:
             self._items[ordinal] = item
             self._cv.notify_all()
 
+    def nudge(self) -> None:
+        """Wake a waiting ``take`` early (it returns ``None`` if nothing is ready), so
+        the consumer acts on news that is not a batch (the online probe decided)."""
+        with self._cv:
+            self._cv.notify_all()
+
     def take(self, wanted: Callable[[], list[int]], timeout: float) -> tuple[int, Any] | None:
         """Take a batch among ``wanted()`` (ordinals outstanding, oldest first).
 

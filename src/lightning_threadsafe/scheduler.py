@@ -81,6 +81,33 @@ class PriorityWorkQueue(Generic[T]):
                 out.append(heapq.heappop(self._heap))
             return out
 
+    def withdraw_untouched(self, size_of: Callable[[T], int]) -> list[T]:
+        """Remove the tasks of every payload none of whose ``size_of(payload)`` tasks
+        was taken yet; return those payloads (each once, by ordinal).
+
+        Used to hand whole, unstarted batches to another executor: a batch with
+        any task taken (or loaded elsewhere) stays.
+        """
+        with self._cv:
+            counts: dict[int, int] = {}
+            first: dict[int, tuple[int, T]] = {}
+            for ordinal, _, payload in self._heap:
+                key = id(payload)
+                counts[key] = counts.get(key, 0) + 1
+                first.setdefault(key, (ordinal, payload))
+            whole = {key for key, n in counts.items() if n == size_of(first[key][1])}
+            if not whole:
+                return []
+            self._heap = [t for t in self._heap if id(t[2]) not in whole]
+            heapq.heapify(self._heap)
+            return [payload for _, payload in sorted((first[k] for k in whole),
+                                                     key=lambda op: op[0])]
+
+    def wake_all(self) -> None:
+        """Wake every waiting worker (e.g. so retiring workers notice at once)."""
+        with self._cv:
+            self._cv.notify_all()
+
     def close(self) -> None:
         """Wake every waiting worker; further ``get`` calls return ``CLOSED``."""
         with self._cv:
