@@ -18,35 +18,31 @@ from lightning_threadsafe.telemetry import LoaderTelemetry
 
 
 class Clocks:
-    """A wall clock and a process-CPU clock that only the test advances."""
+    """A wall clock that only the test advances."""
 
     def __init__(self) -> None:
         self.now = 0.0
-        self.cpu = 0.0
 
     def wall(self) -> float:
         return self.now
 
-    def process(self) -> float:
-        return self.cpu
-
-    def run(self, seconds: float, cores: float) -> None:
+    def run(self, seconds: float) -> None:
         self.now += seconds
-        self.cpu += seconds * cores
 
 
 def online(clocks: Clocks, **kw) -> OnlineProbe:
     kw.setdefault("cpu_count", 2)
     kw.setdefault("threads", 2)
-    return OnlineProbe(clock=clocks.wall, process_clock=clocks.process, **kw)
+    return OnlineProbe(clock=clocks.wall, **kw)
 
 
-def feed(probe: OnlineProbe, clocks: Clocks, *, n: int, wall: float, cpu: float, cores: float,
+def feed(probe: OnlineProbe, clocks: Clocks, *, n: int, wall: float, cpu: float,
          live: int = 2, workers: int = 2) -> None:
-    """``n`` samples completing round-robin on ``workers`` workers, the process burning
-    ``cores`` meanwhile; each sample took ``wall`` / ``cpu`` on its thread."""
+    """``n`` samples completing round-robin on ``workers`` busy workers; each took
+    ``wall`` / ``cpu`` (thread CPU) on its thread, so the workers burn
+    ``workers * cpu / wall`` cores between them."""
     for i in range(n):
-        clocks.run(wall / workers, cores)
+        clocks.run(wall / workers)
         probe.observe(i % workers, wall_s=wall, cpu_s=cpu, live_workers=live)
 
 
@@ -56,11 +52,11 @@ def feed(probe: OnlineProbe, clocks: Clocks, *, n: int, wall: float, cpu: float,
 def test_parallel_samples_decide_threads_right_after_the_window():
     c = Clocks()
     p = online(c, window=4)
-    feed(p, c, n=2, wall=0.5, cpu=0.5, cores=2.0)  # warm-up: each worker's first sample
+    feed(p, c, n=2, wall=0.5, cpu=0.5)  # warm-up: each worker's first sample
     assert p.result is None
-    feed(p, c, n=3, wall=0.005, cpu=0.005, cores=1.9)
+    feed(p, c, n=3, wall=0.005, cpu=0.00475)
     assert p.result is None  # the window needs 4 samples
-    feed(p, c, n=1, wall=0.005, cpu=0.005, cores=1.9)
+    feed(p, c, n=1, wall=0.005, cpu=0.00475)
     r = p.result
     assert r is not None and r.executor == "thread" and r.num_workers == 2
     assert r.evidence["process_cores"] == pytest.approx(1.9)
@@ -71,15 +67,15 @@ def test_parallel_samples_decide_threads_right_after_the_window():
 def test_the_cold_first_samples_are_not_measured():
     c = Clocks()
     p = online(c, window=4)
-    feed(p, c, n=2, wall=5.0, cpu=0.0, cores=0.0)  # a cold start that only waits
-    feed(p, c, n=4, wall=0.005, cpu=0.005, cores=2.0)
+    feed(p, c, n=2, wall=5.0, cpu=0.0)  # a cold start that only waits (not measured)
+    feed(p, c, n=4, wall=0.005, cpu=0.005)
     assert p.result.evidence["process_cores"] == pytest.approx(2.0)
 
 
 def test_waiting_samples_grow_the_pool_with_headroom():
     c = Clocks()
     p = online(c, window=4, max_workers=64)
-    feed(p, c, n=6, wall=0.020, cpu=0.001, cores=0.1)
+    feed(p, c, n=6, wall=0.020, cpu=0.001)
     r = p.result
     assert r.executor == "thread" and r.num_workers == 60  # ceil(1.5 * 2 / 0.05)
     assert p.wanted_workers == 60
@@ -88,27 +84,37 @@ def test_waiting_samples_grow_the_pool_with_headroom():
 def test_one_core_busy_runs_a_serial_phase_and_picks_processes_when_gil_bound():
     c = Clocks()
     p = online(c, window=4, serial=3)
-    feed(p, c, n=6, wall=0.020, cpu=0.010, cores=1.0)
+    feed(p, c, n=6, wall=0.020, cpu=0.010)
     assert p.result is None and p.wanted_workers == 1  # ambiguous: time samples alone
     # the other worker has not exited yet: its overlapping samples do not count
-    feed(p, c, n=2, wall=0.010, cpu=0.010, cores=1.0, live=2, workers=1)
+    feed(p, c, n=2, wall=0.010, cpu=0.010, live=2, workers=1)
     assert p.result is None
-    feed(p, c, n=1, wall=0.010, cpu=0.010, cores=1.0, live=1, workers=1)  # opens the phase
-    feed(p, c, n=2, wall=0.010, cpu=0.010, cores=1.0, live=1, workers=1)
+    feed(p, c, n=1, wall=0.010, cpu=0.010, live=1, workers=1)  # opens the phase
+    feed(p, c, n=2, wall=0.010, cpu=0.010, live=1, workers=1)
     assert p.result is None
-    feed(p, c, n=1, wall=0.010, cpu=0.010, cores=1.0, live=1, workers=1)
+    feed(p, c, n=1, wall=0.010, cpu=0.010, live=1, workers=1)
     r = p.result
     assert r.executor == "process" and r.num_workers == 2
     assert r.evidence["speedup"] == pytest.approx(1.0)
     assert "GIL-bound" in r.evidence["reason"]
 
 
+def test_the_serial_phase_shrinks_through_on_serial_once_under_the_lock():
+    c = Clocks()
+    calls = []
+    p = online(c, window=4, serial=2)
+    p.on_serial = lambda: calls.append(p._lock.locked())
+    feed(p, c, n=6, wall=0.020, cpu=0.010)
+    feed(p, c, n=1, wall=0.010, cpu=0.010, live=1, workers=1)
+    assert calls == [True]  # called once, while the probe's lock was held
+
+
 def test_one_core_busy_but_waiting_alone_stays_on_threads():
     c = Clocks()
     p = online(c, window=4, serial=2)
-    feed(p, c, n=6, wall=0.010, cpu=0.005, cores=1.0)
+    feed(p, c, n=6, wall=0.010, cpu=0.005)
     assert p.wanted_workers == 1
-    feed(p, c, n=3, wall=0.010, cpu=0.005, cores=0.5, live=1, workers=1)
+    feed(p, c, n=3, wall=0.010, cpu=0.005, live=1, workers=1)
     r = p.result
     assert r.executor == "thread" and r.num_workers == 4  # ceil(2 cores / 0.5)
     assert r.evidence["speedup"] == pytest.approx(2.0)
@@ -118,17 +124,17 @@ def test_one_core_busy_but_waiting_alone_stays_on_threads():
 def test_slow_samples_close_a_phase_after_two_once_long_enough():
     c = Clocks()
     p = online(c, window=8, serial=4, enough_s=0.03)
-    feed(p, c, n=2, wall=0.05, cpu=0.05, cores=1.0)
-    feed(p, c, n=2, wall=0.05, cpu=0.05, cores=1.0)  # 2 samples, 50 ms: enough
+    feed(p, c, n=2, wall=0.05, cpu=0.025)
+    feed(p, c, n=2, wall=0.05, cpu=0.025)  # 2 samples, 50 ms, one core busy: enough
     assert p.wanted_workers == 1
-    feed(p, c, n=3, wall=0.05, cpu=0.05, cores=1.0, live=1, workers=1)  # 1 skipped + 2
+    feed(p, c, n=3, wall=0.05, cpu=0.05, live=1, workers=1)  # 1 skipped + 2
     assert p.result is not None and p.result.executor == "process"
 
 
 def test_tiny_samples_load_inline():
     c = Clocks()
     p = online(c, threads=4, cpu_count=8, window=8)
-    feed(p, c, n=12, wall=0.0002, cpu=0.00005, cores=1.0, workers=4)
+    feed(p, c, n=12, wall=0.0002, cpu=0.00005, workers=4)
     r = p.result
     assert r.executor == "thread" and r.num_workers == 0
     assert "tiny samples" in r.evidence["reason"]
@@ -137,7 +143,7 @@ def test_tiny_samples_load_inline():
 def test_one_thread_only_sizes_the_pool():
     c = Clocks()
     p = online(c, threads=1, cpu_count=1, window=4)
-    feed(p, c, n=5, wall=0.020, cpu=0.005, cores=0.25, workers=1, live=1)
+    feed(p, c, n=5, wall=0.020, cpu=0.005, workers=1, live=1)
     r = p.result
     assert r.executor == "thread" and r.num_workers == 6  # ceil(1.5 * 1 / 0.25)
     assert r.evidence["threads"] == 0 and r.evidence["speedup"] is None
@@ -150,11 +156,11 @@ def test_finish_decides_with_what_was_seen():
     assert r.executor == "thread" and r.num_workers == 2 and "too few" in r.evidence["reason"]
     c2 = Clocks()
     p2 = online(c2, window=8)
-    feed(p2, c2, n=4, wall=0.010, cpu=0.010, cores=2.0)  # a partial window
+    feed(p2, c2, n=4, wall=0.010, cpu=0.010)  # a partial window
     assert p2.finish().num_workers == 2 and p2.result.evidence["process_cores"] == 2.0
     c3 = Clocks()
     p3 = online(c3, window=4, serial=4)
-    feed(p3, c3, n=6, wall=0.010, cpu=0.010, cores=1.0)  # ambiguous, no serial sample yet
+    feed(p3, c3, n=6, wall=0.010, cpu=0.005)  # ambiguous, no serial sample yet
     assert p3.finish().executor == "thread"
     assert p3.finish() is p3.result  # decided once
 
@@ -169,15 +175,14 @@ def test_online_probe_validation():
 
 def test_observe_is_safe_from_many_threads():
     c = Clocks()
-    c_lock = threading.Lock()  # the fake clocks are advanced by several threads
-    p = OnlineProbe(threads=4, cpu_count=4, window=40,
-                    clock=lambda: c.wall(), process_clock=lambda: c.process())
+    c_lock = threading.Lock()  # the fake clock is advanced by several threads
+    p = OnlineProbe(threads=4, cpu_count=4, window=40, clock=lambda: c.wall())
 
     def worker(wid: int) -> None:
         for _ in range(50):
             with c_lock:
-                c.run(0.001, 3.5)
-            p.observe(wid, wall_s=0.004, cpu_s=0.004, live_workers=4)
+                c.run(0.001)
+            p.observe(wid, wall_s=0.004, cpu_s=0.0035, live_workers=4)
 
     threads = [threading.Thread(target=worker, args=(w,), name=f"test-observe-{w}")
                for w in range(4)]
@@ -454,3 +459,31 @@ def test_explicit_processes_with_auto_workers_probe_first():
     assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in ref]
     s = loader.get_thread_safety_performance_report()["settings"]
     assert s["executor"] == "process" and isinstance(s["num_workers"], int)
+
+
+def test_prefetch_auto_alone_resolves_without_probing():
+    ds = RangeDataset(40)
+    loader = ThreadedDataLoader(ds, batch_size=4, num_workers=3, prefetch_factor="auto")
+    assert torch.cat(list(loader)).flatten().tolist() == list(range(40))
+    report = loader.get_thread_safety_performance_report()
+    assert report["settings"]["num_workers"] == 3 and report["settings"]["prefetch_factor"] == 2
+    assert "fixed workers" in report["probe"]["evidence"]["reason"]
+
+
+def test_failed_and_skipped_samples_are_not_reported_to_the_probe():
+    from _helpers import FailingDataset
+
+    seen = []
+    lock = threading.Lock()  # guards seen (workers report concurrently)
+
+    class Recording(ScriptedProbe):
+        def observe(self, worker, *, wall_s, cpu_s, live_workers):
+            with lock:
+                seen.append(wall_s)
+            super().observe(worker, wall_s=wall_s, cpu_s=cpu_s, live_workers=live_workers)
+
+    ds = FailingDataset(40, {3, 17})
+    probe = Recording(2, ProbeResult("thread", 2, 2, {"reason": "s"}), after=10**6)
+    loader = _auto_loader(ds, probe, batch_size=4, on_error="skip")
+    assert sorted(torch.cat(list(loader)).flatten().tolist()) == sorted(set(range(40)) - {3, 17})
+    assert len(seen) == 38  # every clean load, and only those

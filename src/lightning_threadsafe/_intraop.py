@@ -21,7 +21,8 @@ count, threads created later start from the same default as before.
 
 Where the OpenMP runtime cannot be found (a torch build without OpenMP, another
 platform's runtime name), this is a no-op and :func:`limit_intra_op_threads`
-returns ``False``; loading still works, only without this optimisation.
+returns ``False``; loading still works, only without this optimisation. MKL's
+BLAS (linked privately into torch's wheels) keeps its own thread count.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ __all__ = ["limit_intra_op_threads"]
 
 _OMP_LIBRARY = re.compile(r"lib(g|i)?omp[^/]*\.(so|dylib)[.\d]*$")
 
-# Resolved once. A benign race: two threads may both resolve it and store the same
-# function; readers see either None-before-resolution or the final value.
-_resolved = False
-_omp_set_num_threads: Callable[[int], None] | None = None
+_UNRESOLVED = object()
+# The setter, None (no runtime found), or _UNRESOLVED; published by one reference store.
+_setter: object = _UNRESOLVED
 _resolve_lock = threading.Lock()  # serialises the one-time lookup (not the calls)
 
 
@@ -53,34 +53,56 @@ def _loaded_omp_libraries() -> list[str]:
     return sorted(p for p in paths if _OMP_LIBRARY.search(p))
 
 
-def _lookup() -> Callable[[int], None] | None:
-    candidates: list[ctypes.CDLL] = []
+def _candidates() -> list[Callable[[int], None]]:
+    libs: list[ctypes.CDLL] = []
     try:
-        candidates.append(ctypes.CDLL(None))  # symbols already global in this process
+        libs.append(ctypes.CDLL(None))  # symbols already global in this process
     except OSError:
         pass
-    for path in _loaded_omp_libraries():  # the runtime torch loaded (dlopen reuses it)
+    for path in _loaded_omp_libraries():  # the runtimes loaded (dlopen reuses them)
         try:
-            candidates.append(ctypes.CDLL(path))
+            libs.append(ctypes.CDLL(path))
         except OSError:
             continue
-    for lib in candidates:
+    out = []
+    for lib in libs:
         fn = getattr(lib, "omp_set_num_threads", None)
         if fn is not None:
             fn.argtypes = [ctypes.c_int]
             fn.restype = None
-            return fn  # type: ignore[no-any-return]
-    return None
+            out.append(fn)
+    return out
+
+
+def _lookup() -> Callable[[int], None] | None:
+    """The ``omp_set_num_threads`` of the runtime torch uses: the first candidate that
+    torch sees take effect, tried on a short-lived thread (its setting dies with it)."""
+    found: list[Callable[[int], None]] = []
+
+    def trial() -> None:
+        before = torch.get_num_threads()  # torch's lazy per-thread initialisation
+        for fn in _candidates():
+            fn(1)
+            if torch.get_num_threads() == 1:
+                found.append(fn)
+                return
+            fn(before)
+
+    t = threading.Thread(target=trial, name="lts-intraop-lookup", daemon=True)
+    t.start()
+    t.join()
+    return found[0] if found else None
 
 
 def _omp_setter() -> Callable[[int], None] | None:
-    global _resolved, _omp_set_num_threads
-    if not _resolved:
+    global _setter
+    setter = _setter
+    if setter is _UNRESOLVED:
         with _resolve_lock:
-            if not _resolved:
-                _omp_set_num_threads = _lookup()
-                _resolved = True
-    return _omp_set_num_threads
+            if _setter is _UNRESOLVED:
+                _setter = _lookup()
+            setter = _setter
+    return setter  # type: ignore[return-value]
 
 
 def limit_intra_op_threads() -> bool:

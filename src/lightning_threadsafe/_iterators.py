@@ -191,7 +191,13 @@ EMPTY = Empty()
 
 
 class ThreadIterator(BaseIterator[T]):
-    """One epoch with worker threads (``num_workers >= 1``) or inline (``num_workers == 0``)."""
+    """One epoch with worker threads (``num_workers >= 1``) or inline (``num_workers == 0``).
+
+    With an :class:`~lightning_threadsafe.autotune.OnlineProbe` (``"auto"`` settings) the
+    pool starts on provisional threads; once the probe decides, the pool is resized,
+    or -- after its admitted batches are delivered and its threads joined -- the rest
+    of the epoch loads inline or through a process-executor delegate.
+    """
 
     def __init__(
         self,
@@ -210,7 +216,11 @@ class ThreadIterator(BaseIterator[T]):
         # pool.observer). Once it decides, the consumer applies the settings: resize the
         # pool, or switch the rest of the epoch to inline loading or to processes.
         self._probe = probe
-        self._switch: str | None = None  # "inline" once decided; admission stops
+        # "inline" or "process" once decided: admission stops; when the pool's admitted
+        # batches are delivered it is shut (threads joined, so torch never forks while
+        # one of them is inside user code) and the rest of the epoch loads that way.
+        self._switch: str | None = None
+        self._handover: Iterator[tuple[int, list[Any]]] | None = None  # plan left for processes
         self._delegate: BaseIterator[Any] | None = None  # process executor for the rest
         # Samples the "auto" probe already loaded: {(ordinal, position): sample}.
         self._prefilled = dict(prefilled or {})
@@ -273,14 +283,13 @@ class ThreadIterator(BaseIterator[T]):
             manager.attach_pool(self._pool)
             if probe is not None:
                 observe = probe.observe
+                pool = self._pool
+                probe.on_serial = lambda: pool.resize(1)  # under the probe's lock
 
                 def observer(wid: int, wall: float, cpu: float, running: int) -> None:
                     observe(wid, wall_s=wall, cpu_s=cpu, live_workers=running)
-                    pool = pool_box[0]
                     if probe.result is not None:
                         pool.ready.nudge()  # the consumer applies it at once
-                    elif probe.wanted_workers < pool.target:
-                        pool.resize(probe.wanted_workers)  # serial phase: shrink now
 
                 self._pool.observer = observer
             # Last-resort cleanup when the iterator is abandoned (break, del, GC).
@@ -298,8 +307,7 @@ class ThreadIterator(BaseIterator[T]):
 
     def _admit(self) -> None:
         loader = self._loader_ref()
-        if loader is None or self._pool is None or self._switch is not None \
-                or self._delegate is not None:
+        if loader is None or self._pool is None or self._switch is not None:
             return
         depth = loader._depth(self._pool.target if self._probe is not None else None)
         gov = self._manager.governor
@@ -367,7 +375,8 @@ class ThreadIterator(BaseIterator[T]):
             return
         self._apply_probe_result(result)
 
-    def _apply_probe_result(self, result: Any) -> None:
+    def _apply_probe_result(self, result: Any, *, act: bool = True) -> None:
+        """Store the decided settings; with ``act``, also resize or prepare a switch."""
         self._probe = None
         pool = self._pool
         if pool is not None:
@@ -376,30 +385,28 @@ class ThreadIterator(BaseIterator[T]):
         if loader is None:
             return
         loader._apply_probe(result.to_dict())
-        if pool is None or self._finished:
-            return
+        if not act or pool is None or self._finished:
+            return  # at the epoch's end: the settings are for the next epoch
         settings = loader._settings
         if settings["executor"] == "process":
-            from lightning_threadsafe._process import ProcessIterator
-
-            # The rest of the plan goes to torch's worker processes now -- including the
-            # admitted batches no thread has started -- while the threads finish the
-            # batches they started (all earlier ordinals: workers take the oldest first).
+            # The rest of the plan goes to torch's worker processes -- including admitted
+            # batches no thread has started -- once the threads finished the batches they
+            # started (all earlier ordinals: workers take the oldest first).
             withdrawn = pool.tasks.withdraw_untouched(lambda b: len(b.indices))
             for b in withdrawn:
                 self._outstanding.remove(b.ordinal)
                 del self._batches[b.ordinal]
             pool.needed = self._outstanding[0] if self._outstanding else None
-            rest = itertools.chain([(b.ordinal, b.indices) for b in withdrawn], self._source)
-            self._delegate = ProcessIterator(loader, self.epoch, rest, [], None)
-            self._source_done = True
+            self._handover = itertools.chain(
+                [(b.ordinal, b.indices) for b in withdrawn], self._source)
+            self._switch = "process"
         elif int(settings["num_workers"]) == 0:
             self._switch = "inline"
         else:
             pool.resize(int(settings["num_workers"]))
 
     def _switch_over(self) -> None:
-        """The pool's last batch was delivered: retire it (inline loading follows)."""
+        """The pool's last batch was delivered: shut it, then load the rest another way."""
         pool = self._pool
         if pool is None:
             return
@@ -407,7 +414,18 @@ class ThreadIterator(BaseIterator[T]):
             self._finalizer.detach()
         _shut_pool(pool, self._batches, self._manager.governor, self._join_timeout)
         self._pool = None
-        if self._switch == "inline":
+        loader = self._loader_ref()
+        if self._switch == "process" and loader is not None:
+            from lightning_threadsafe._process import ProcessIterator
+
+            assert self._handover is not None
+            delegate: BaseIterator[Any] = ProcessIterator(loader, self.epoch, self._handover,
+                                                          [], None)
+            delegate._last_exit = self._last_exit  # the consumer's time stays accounted
+            delegate._started = True
+            self._handover = None
+            self._delegate = delegate
+        else:
             self._inline_stats = self._manager.telemetry.register("lts-inline")
 
     def position(self) -> dict[str, Any]:
@@ -419,20 +437,22 @@ class ThreadIterator(BaseIterator[T]):
     def _next_delegate(self) -> T:
         assert self._delegate is not None
         try:
-            return next(self._delegate)
+            item = next(self._delegate)
         except StopIteration:
             self._finish(clean=True)
             raise
         except BaseException:
             self._finish(clean=False)
             raise
+        self._mark_started()
+        return item
 
     # -- next ---------------------------------------------------------------------
 
     def __next__(self) -> T:
         if self._finished:
             raise StopIteration
-        if self._delegate is not None and not self._outstanding:
+        if self._delegate is not None:
             return self._next_delegate()
         entered = self._enter()
         try:
@@ -441,11 +461,8 @@ class ThreadIterator(BaseIterator[T]):
                     item = self._next_inline()
                 else:
                     item = self._next_threaded(entered)
-                if item is _HANDED_OVER:  # the processes take over from here
-                    return self._next_delegate()
-                if item is EMPTY:
-                    continue
-                break
+                if item is _HANDED_OVER or item is not EMPTY:
+                    break
         except StopIteration:
             self._finish(clean=True)
             raise
@@ -460,6 +477,10 @@ class ThreadIterator(BaseIterator[T]):
                 self._join_timeout = 0.5
             self._finish(clean=False)
             raise
+        if item is _HANDED_OVER:  # the processes deliver from here (their own timing)
+            self._telemetry.wait_s += time.perf_counter() - entered
+            self._last_exit = None
+            return self._next_delegate()
         self._exit(entered)
         return item  # type: ignore[return-value]
 
@@ -493,14 +514,14 @@ class ThreadIterator(BaseIterator[T]):
             self._poll_probe()
             self._admit()
             if not self._outstanding:
-                if self._delegate is not None:
-                    return _HANDED_OVER
                 if self._switch is not None:
                     self._switch_over()
+                    if self._delegate is not None:
+                        return _HANDED_OVER
                     return self._next_inline()
                 if self._source_done:
                     if self._probe is not None:  # the epoch ended before the probe decided
-                        self._apply_probe_result(self._probe.finish())
+                        self._apply_probe_result(self._probe.finish(), act=False)
                     raise StopIteration
             got = pool.ready.take(self._wanted, POLL_S)
             if pool.fatal is not None:
@@ -508,7 +529,8 @@ class ThreadIterator(BaseIterator[T]):
             if got is not None:
                 _, batch = got
                 return self._deliver(batch)
-            err = self._manager.watchdog.check(pool.workers, outstanding=bool(self._outstanding))
+            err = self._manager.watchdog.check(pool.worker_snapshot(),
+                                               outstanding=bool(self._outstanding))
             if err is not None:
                 raise err
             if self._timeout > 0 and time.perf_counter() - entered > self._timeout:

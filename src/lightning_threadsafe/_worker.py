@@ -65,7 +65,8 @@ class ThreadPool:
         fetch: ``fetch(index, batch, stats, stop_event) -> sample`` (raises SampleLoadError).
         finish: ``finish(batch, stats)`` collates/pins/stages ``batch.payload`` in place.
         on_progress: called after each completed sample (stall watchdog).
-        worker_init_fn: called once in each worker thread with its id.
+        worker_init_fn: called once in each worker thread with its id (ids are unique
+            within the pool; a pool the online probe resized has ids past its size).
         worker_context: a context manager factory entered around each worker's loop
             (deadlock-detector activation), may be a no-op.
         on_worker_exit: called in the worker thread as it exits (closes thread-local resources).
@@ -112,10 +113,12 @@ class ThreadPool:
         # Called by each worker after each sample while set (the online "auto" probe):
         # observer(worker_id, wall_s, cpu_s, running_workers). Set/cleared by the consumer.
         self.observer: Callable[[int, float, float, int], None] | None = None
-        # _lock guards workers, _retiring, _live, _running, _next_id and target. Invariants:
-        # `workers` only grows (every thread ever started, so close() joins them all);
-        # a worker whose id is in _retiring exits at its next loop turn, never while
-        # holding tasks; no worker starts once `stop` is set (checked under _lock).
+        # _lock guards workers, _retiring, _live, _running and _next_id, and serialises
+        # writes of target (an int read without the lock as one reference: a stale read
+        # only sizes a task share or an admission depth). Invariants: `workers` only
+        # grows (every thread ever started, so close() joins them all); a worker whose id
+        # is in _retiring exits at its next loop turn, never while holding tasks; threads
+        # start under _lock and never once `stop` is set (set under _lock by close()).
         self._lock = threading.Lock()
         self.workers: list[tuple[threading.Thread, WorkerStats]] = []
         self._retiring: set[int] = set()
@@ -134,11 +137,11 @@ class ThreadPool:
         """
         if num_workers < 1:
             raise ValueError(f"num_workers={num_workers!r} must be >= 1 for a thread pool")
-        started: list[threading.Thread] = []
         with self._lock:
             if self.stop.is_set():
                 return
             self.target = num_workers
+            shrinking = len(self._live) > num_workers
             while len(self._live) > num_workers:
                 self._retiring.add(self._live.pop())
             while len(self._live) < num_workers:
@@ -147,14 +150,20 @@ class ThreadPool:
                 stats = self.telemetry.register(f"lts-{self._name}-{wid}")
                 t = threading.Thread(target=_worker_main, args=(self, wid, stats),
                                      name=stats.name, daemon=True)
+                # Started under _lock (start() only waits for the thread to exist, never
+                # for this lock), so close() -- which sets stop under _lock -- sees every
+                # thread that will ever run, already started.
+                t.start()
                 self.workers.append((t, stats))
                 self._live.append(wid)
                 self._running += 1
-                started.append(t)
-        if not started:
+        if shrinking:
             self.tasks.wake_all()  # idle retiring workers re-check at once
-        for t in started:
-            t.start()
+
+    def worker_snapshot(self) -> list[tuple[threading.Thread, WorkerStats]]:
+        """The worker threads still running, with their stats (for the stall watchdog)."""
+        with self._lock:
+            return [(t, st) for t, st in self.workers if t.is_alive()]
 
     def running_workers(self) -> int:
         """Worker threads started and not yet exited (retiring ones included)."""
@@ -241,18 +250,24 @@ def _worker_loop(pool: ThreadPool, wid: int, stats: WorkerStats) -> None:
             if observer is None:
                 _run_task(pool, stats, stop, pos, batch)
                 continue
-            wall, cpu = stats.fetch_wall_s, stats.fetch_cpu_s
-            _run_task(pool, stats, stop, pos, batch)
-            observer(wid, stats.fetch_wall_s - wall, stats.fetch_cpu_s - cpu,
-                     pool.running_workers())
+            wall, cpu, redone = stats.fetch_wall_s, stats.fetch_cpu_s, stats.skipped + stats.retries
+            # only clean loads are timings of the workload (no skip, no retry backoff)
+            if _run_task(pool, stats, stop, pos, batch) and \
+                    stats.skipped + stats.retries == redone:
+                observer(wid, stats.fetch_wall_s - wall, stats.fetch_cpu_s - cpu,
+                         pool.running_workers())
 
 
 def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: int,
-              batch: BatchState) -> None:
-    """Load one sample of ``batch``; the worker completing the batch finishes it."""
+              batch: BatchState) -> bool:
+    """Load one sample of ``batch``; the worker completing the batch finishes it.
+
+    Returns whether a sample was loaded (``False``: dropped with its failed batch,
+    or it raised) -- only loaded samples are reported to the online probe.
+    """
     with batch.lock:
         if batch.error is not None:  # batch already failed: drop its other tasks
-            return
+            return False
     index = batch.indices[pos]
     stats.current_index = index
     try:
@@ -267,12 +282,12 @@ def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: 
                 batch.done = True
         if first:
             pool.ready.put(batch.ordinal, batch)
-        return
+        return False
     stats.current_index = None
     pool._on_progress()
     with batch.lock:
         if batch.error is not None:
-            return
+            return True
         batch.results[pos] = value
         batch.remaining -= 1
         complete = batch.remaining == 0
@@ -283,3 +298,4 @@ def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: 
             batch.error = exc
         batch.done = True
         pool.ready.put(batch.ordinal, batch)
+    return True

@@ -787,9 +787,10 @@ class OnlineProbe:
     1. *Warm-up*: until each of the first ``threads`` workers finished one sample
        (first samples pay cold starts: thread start, allocator, caches).
     2. *Concurrent window*: the next ``window`` samples (default ``max(4, 2 *
-       threads)``) -- process CPU over the window in cores (``P``), thread CPU per
+       threads)``) -- the CPU they burnt over the window in cores (``P``), thread CPU per
        sample, thread-seconds per sample (the window also closes after two
-       samples once it lasted ``enough_s``). Tiny samples: inline; ``P >= 1.3`` or
+       samples once it lasted ``enough_s``). ``P`` sums the workers' thread CPU (the
+       training loop runs meanwhile and must not count). Tiny samples: inline; ``P >= 1.3`` or
        ``P < 0.7``: threads, sized; otherwise (about one core busy):
     3. *Serial*: :attr:`wanted_workers` drops to 1 (the consumer retires the
        others); once one worker is left, ``serial`` samples (or two, once they
@@ -812,14 +813,17 @@ class OnlineProbe:
         enough_s: a phase also ends after 2 samples once it has lasted this long
             (window: wall time; serial: summed sample time), so slow samples are
             not measured longer than needed.
-        clock, process_clock: wall and process-CPU clocks (injectable for tests).
+        clock: the wall clock (injectable for tests).
+        on_serial: called once, from the reporting worker, when the serial phase starts
+            (the loader shrinks its pool to one thread there).
     """
 
     def __init__(self, *, threads: int, cpu_count: int | None = None,
                  max_workers: int | None = None, batch_size: int | None = None,
                  prefetch_per_worker: bool = True, window: int | None = None, serial: int = 4,
-                 enough_s: float = 0.03, clock: Callable[[], float] = time.perf_counter,
-                 process_clock: Callable[[], float] = time.process_time) -> None:
+                 enough_s: float = 0.03,
+                 clock: Callable[[], float] = time.perf_counter,
+                 on_serial: Callable[[], None] | None = None) -> None:
         if cpu_count is None:
             cpu_count = usable_cpu_count()
         _check_int("threads", threads, 1)
@@ -843,11 +847,14 @@ class OnlineProbe:
         self._serial = serial
         self._enough_s = enough_s
         self._clock = clock
-        self._process_clock = process_clock
+        # Called once, under _lock, as the serial phase starts (the pool shrinks to one
+        # worker there and then: a result cannot be published meanwhile, so a stale
+        # shrink can never undo the consumer's resize to the decided size).
+        self.on_serial = on_serial
         # Everything below is guarded by _lock.
         self._lock = threading.Lock()
         self._warm: set[int] = set()  # ids of workers that finished their first sample
-        self._start: tuple[float, float] | None = None  # (wall, process CPU) at window start
+        self._start: float | None = None  # wall clock at the window's start
         self._walls: list[float] = []  # per-sample wall / thread CPU: the window, then serial
         self._cpus: list[float] = []
         self._state: _ConcurrentState | None = None  # set when the serial phase starts
@@ -877,12 +884,12 @@ class OnlineProbe:
         if self._start is None:
             self._warm.add(worker)
             if len(self._warm) >= self.threads:
-                self._start = (self._clock(), self._process_clock())
+                self._start = self._clock()
             return
         self._walls.append(wall_s)
         self._cpus.append(cpu_s)
         n = len(self._walls)
-        if n >= self._window or (n >= 2 and self._clock() - self._start[0] >= self._enough_s):
+        if n >= self._window or (n >= 2 and self._clock() - self._start >= self._enough_s):
             self._close_window()
 
     def _close_window(self) -> None:
@@ -890,15 +897,18 @@ class OnlineProbe:
         if self.threads == 1:
             self._publish(self._rules.one_core(self._walls, self._cpus))
             return
-        now, cpu_now = self._clock(), self._process_clock()
-        elapsed = now - self._start[0]
-        cores = (cpu_now - self._start[1]) / elapsed if elapsed > 0 else float(self.threads)
+        elapsed = self._clock() - self._start
+        # The workers' own thread CPU, not the process's: the training loop runs meanwhile
+        # and would make a GIL-bound pool look parallel.
+        cores = sum(self._cpus) / elapsed if elapsed > 0 else float(self.threads)
         state = self._rules.concurrent(self.threads, samples=len(self._walls), elapsed_s=elapsed,
                                        cpu_s=sum(self._cpus), process_cores=cores)
         if state.needs_serial:
             self._state = state
             self._walls, self._cpus = [], []
             self.wanted_workers = 1
+            if self.on_serial is not None:
+                self.on_serial()
         else:
             self._publish(self._rules.decide(state))
 

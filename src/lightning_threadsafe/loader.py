@@ -404,7 +404,7 @@ class ThreadedDataLoader(Generic[T]):
         online = None
         if self._needs_probe():
             online = self._online_probe()
-            if online is None:
+            if online is None and self._needs_probe():
                 source, prefilled = self._probe_first_batches(source, epoch)
         executor = self._settings["executor"]
         it: BaseIterator
@@ -420,11 +420,21 @@ class ThreadedDataLoader(Generic[T]):
 
     def _online_probe(self) -> Any:
         """An :class:`~lightning_threadsafe.autotune.OnlineProbe` when "auto" can be
-        resolved inside a running thread pool (map-style data, threads possible);
+        resolved inside a running thread pool (map-style data, threads possible).
         ``None`` when settings are needed before loading starts (explicit processes,
-        ``num_workers=0``, iterable datasets): the synchronous probe runs then."""
+        ``num_workers=0``): the synchronous probe runs then (iterable datasets get
+        default settings from it: a single producer has nothing to size); or when
+        only ``prefetch_factor`` is "auto" (resolved here to 2 per worker)."""
         s = self._settings
         if self._iterable or s["executor"] == "process" or s["num_workers"] == 0:
+            return None
+        if s["num_workers"] != "auto" and s["executor"] != "auto":
+            # Only prefetch_factor is "auto": nothing to measure (the probe's answer is
+            # torch's default whatever the samples), and no reason to shrink the pool.
+            self._apply_probe({"executor": s["executor"], "num_workers": s["num_workers"],
+                               "prefetch": 2, "evidence": {
+                                   "reason": "prefetch_factor='auto' with fixed workers and "
+                                             "executor: 2 per worker (torch's default)"}})
             return None
         from lightning_threadsafe.autotune import OnlineProbe
 
@@ -474,7 +484,7 @@ class ThreadedDataLoader(Generic[T]):
         """Resolve "auto" by probing the epoch's first samples, and keep what was loaded.
 
         The probe (:func:`~lightning_threadsafe.autotune.probe`) loads the epoch's
-        first batch (at least 8 samples, at most 32) on one thread per core, and
+        first batch (at least 8 samples, at most 32) on up to one thread per core, and
         4 more serially only when the concurrent phase cannot tell a GIL-bound
         dataset from a waiting one. It loads under the real sample context, so
         the values are exactly what the workers would produce: they are returned

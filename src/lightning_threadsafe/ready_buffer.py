@@ -2,7 +2,9 @@
 
 The bound is enforced upstream: the consumer admits a batch only while
 ``admitted - delivered < depth`` (and the memory governor agrees), so the
-buffer never holds more than ``depth`` batches.
+buffer never holds more than the depth in force when those batches were
+admitted (a depth that shrinks -- the online probe retiring threads, a lower
+memory budget -- stops admission until the excess is delivered).
 """
 
 from __future__ import annotations
