@@ -37,13 +37,13 @@ def online(clocks: Clocks, **kw) -> OnlineProbe:
 
 
 def feed(probe: OnlineProbe, clocks: Clocks, *, n: int, wall: float, cpu: float,
-         live: int = 2, workers: int = 2) -> None:
+         live: int = 2, workers: int = 2, gil: float | None = None) -> None:
     """``n`` samples completing round-robin on ``workers`` busy workers; each took
     ``wall`` / ``cpu`` (thread CPU) on its thread, so the workers burn
     ``workers * cpu / wall`` cores between them."""
     for i in range(n):
         clocks.run(wall / workers)
-        probe.observe(i % workers, wall_s=wall, cpu_s=cpu, live_workers=live)
+        probe.observe(i % workers, wall_s=wall, cpu_s=cpu, live_workers=live, gil_wait_s=gil)
 
 
 # ------------------------------------------------------------------ rules (fake clocks)
@@ -107,6 +107,42 @@ def test_the_serial_phase_shrinks_through_on_serial_once_under_the_lock():
     feed(p, c, n=6, wall=0.020, cpu=0.010)
     feed(p, c, n=1, wall=0.010, cpu=0.010, live=1, workers=1)
     assert calls == [True]  # called once, while the probe's lock was held
+
+
+def test_a_gil_fight_seen_in_the_window_picks_processes_without_a_serial_phase():
+    c = Clocks()
+    p = online(c, window=4)
+    p.on_serial = lambda: pytest.fail("no serial phase needed")
+    feed(p, c, n=6, wall=0.020, cpu=0.010, gil=0.004)  # one core busy, GIL back after 4 ms
+    r = p.result
+    assert r.executor == "process" and r.num_workers == 2
+    assert r.evidence["gil_wait_ms"] == pytest.approx(4.0) and r.evidence["speedup"] is None
+    assert "GIL-bound" in r.evidence["reason"]
+
+
+def test_a_free_gil_in_the_window_means_waiting_threads():
+    c = Clocks()
+    p = online(c, window=4)
+    p.on_serial = lambda: pytest.fail("no serial phase needed")
+    feed(p, c, n=6, wall=0.010, cpu=0.005, gil=0.00001)
+    r = p.result
+    assert r.executor == "thread" and r.num_workers == 4  # ceil(2 / 0.5)
+    assert "GIL mostly free" in r.evidence["reason"]
+
+
+def test_a_gil_fight_below_one_core_busy_still_picks_processes():
+    # GIL hand-offs cost CPU time: a GIL-bound pool can burn under 0.7 cores of samples
+    c = Clocks()
+    p = online(c, window=4)
+    feed(p, c, n=6, wall=0.020, cpu=0.006, gil=0.003)
+    assert p.result.executor == "process"
+
+
+def test_an_unclear_gil_wait_falls_back_to_the_serial_phase():
+    c = Clocks()
+    p = online(c, window=4, serial=2)
+    feed(p, c, n=6, wall=0.020, cpu=0.010, gil=0.0005)
+    assert p.result is None and p.wanted_workers == 1
 
 
 def test_one_core_busy_but_waiting_alone_stays_on_threads():
@@ -229,8 +265,10 @@ def test_pool_grows_and_shrinks_without_losing_a_task():
         gate.set()
         got = {}
         for o in range(4):
-            ordinal, b = pool.ready.take(lambda o=o: [o], timeout=60)
-            got[ordinal] = b.payload
+            item = None
+            while item is None:  # take() may return early when another batch lands
+                item = pool.ready.take(lambda o=o: [o], timeout=60)
+            got[item[0]] = item[1].payload
         assert got == {o: list(range(o * 4, o * 4 + 4)) for o in range(4)}
         for t, _ in pool.workers[1:]:  # the retired ones exit at their next loop turn
             t.join(timeout=30)
@@ -284,7 +322,8 @@ class ScriptedProbe:
         self.seen = 0
         self.live_seen: list[int] = []
 
-    def observe(self, worker: int, *, wall_s: float, cpu_s: float, live_workers: int) -> None:
+    def observe(self, worker: int, *, wall_s: float, cpu_s: float, live_workers: int,
+                gil_wait_s: float | None = None) -> None:
         with self._lock:
             self.seen += 1
             self.live_seen.append(live_workers)
@@ -477,13 +516,55 @@ def test_failed_and_skipped_samples_are_not_reported_to_the_probe():
     lock = threading.Lock()  # guards seen (workers report concurrently)
 
     class Recording(ScriptedProbe):
-        def observe(self, worker, *, wall_s, cpu_s, live_workers):
+        def observe(self, worker, *, wall_s, cpu_s, live_workers, gil_wait_s=None):
             with lock:
                 seen.append(wall_s)
-            super().observe(worker, wall_s=wall_s, cpu_s=cpu_s, live_workers=live_workers)
+            super().observe(worker, wall_s=wall_s, cpu_s=cpu_s, live_workers=live_workers,
+                            gil_wait_s=gil_wait_s)
 
     ds = FailingDataset(40, {3, 17})
     probe = Recording(2, ProbeResult("thread", 2, 2, {"reason": "s"}), after=10**6)
     loader = _auto_loader(ds, probe, batch_size=4, on_error="skip")
     assert sorted(torch.cat(list(loader)).flatten().tolist()) == sorted(set(range(40)) - {3, 17})
     assert len(seen) == 38  # every clean load, and only those
+
+
+def test_pause_waits_for_workers_to_leave_user_code_and_holds_them_out():
+    inside = threading.Event()
+    release = threading.Event()
+    calls = []
+    calls_lock = threading.Lock()  # guards calls (workers append)
+
+    def fetch(index, batch, stats, stop):
+        with calls_lock:
+            calls.append(index)
+        if index == 0:
+            inside.set()
+            release.wait(timeout=60)
+        return index
+
+    pool = _pool(2, fetch)
+    try:
+        b0, b1 = BatchState(0, [0]), BatchState(1, [1, 2, 3])
+        pool.submit(b0, [0])
+        assert inside.wait(timeout=60)  # a worker is inside user code with index 0
+        assert pool.pause(timeout=0.2) is False  # it cannot leave: pause gives up, resumes
+        paused = []
+        t = threading.Thread(target=lambda: paused.append(pool.pause(timeout=60)),
+                             name="test-pauser")
+        t.start()
+        release.set()  # index 0 returns; now no worker is inside user code
+        t.join(timeout=60)
+        assert paused == [True]
+        pool.submit(b1, [0, 1, 2])  # queued while paused: nobody may start loading them
+        with calls_lock:
+            assert calls == [0]
+        pool.resume()
+        for ordinal, want in ((0, [0]), (1, [1, 2, 3])):
+            item = None
+            while item is None:  # take() may return early when another batch lands
+                item = pool.ready.take(lambda o=ordinal: [o], timeout=60)
+            assert item[1].payload == want
+    finally:
+        release.set()
+        pool.close()

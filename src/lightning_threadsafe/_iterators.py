@@ -181,6 +181,7 @@ def _thread_init_fn(fn: Callable[[int], None] | None) -> Callable[[int], None] |
 
 _NOTHING = object()  # "no prefilled sample here" (None is a valid sample)
 _HANDED_OVER = object()  # "the process executor delivers the rest of the epoch"
+_FORK_PAUSE_S = 1.0  # longest wait for the workers to leave user code before an early fork
 
 
 class Empty:
@@ -286,8 +287,9 @@ class ThreadIterator(BaseIterator[T]):
                 pool = self._pool
                 probe.on_serial = lambda: pool.resize(1)  # under the probe's lock
 
-                def observer(wid: int, wall: float, cpu: float, running: int) -> None:
-                    observe(wid, wall_s=wall, cpu_s=cpu, live_workers=running)
+                def observer(wid: int, wall: float, cpu: float, running: int,
+                             gil: float) -> None:
+                    observe(wid, wall_s=wall, cpu_s=cpu, live_workers=running, gil_wait_s=gil)
                     if probe.result is not None:
                         pool.ready.nudge()  # the consumer applies it at once
 
@@ -400,10 +402,27 @@ class ThreadIterator(BaseIterator[T]):
             self._handover = itertools.chain(
                 [(b.ordinal, b.indices) for b in withdrawn], self._source)
             self._switch = "process"
+            # Start the processes now, while the threads finish their batches -- but fork
+            # only with no worker inside user code (a dataset or allocator lock held by
+            # a thread would stay locked in the children). Otherwise: after the drain.
+            if self._outstanding and pool.pause(timeout=_FORK_PAUSE_S):
+                try:
+                    self._start_delegate(loader)
+                finally:
+                    pool.resume()
         elif int(settings["num_workers"]) == 0:
             self._switch = "inline"
         else:
             pool.resize(int(settings["num_workers"]))
+
+    def _start_delegate(self, loader: ThreadedDataLoader[Any]) -> None:
+        from lightning_threadsafe._process import ProcessIterator
+
+        assert self._handover is not None
+        delegate: BaseIterator[Any] = ProcessIterator(loader, self.epoch, self._handover, [], None)
+        delegate._started = True
+        self._handover = None
+        self._delegate = delegate
 
     def _switch_over(self) -> None:
         """The pool's last batch was delivered: shut it, then load the rest another way."""
@@ -415,16 +434,11 @@ class ThreadIterator(BaseIterator[T]):
         _shut_pool(pool, self._batches, self._manager.governor, self._join_timeout)
         self._pool = None
         loader = self._loader_ref()
-        if self._switch == "process" and loader is not None:
-            from lightning_threadsafe._process import ProcessIterator
-
-            assert self._handover is not None
-            delegate: BaseIterator[Any] = ProcessIterator(loader, self.epoch, self._handover,
-                                                          [], None)
-            delegate._last_exit = self._last_exit  # the consumer's time stays accounted
-            delegate._started = True
-            self._handover = None
-            self._delegate = delegate
+        if self._switch == "process":
+            if self._delegate is None and loader is not None:
+                self._start_delegate(loader)  # threads joined: safe to fork
+            if self._delegate is not None:
+                self._delegate._last_exit = self._last_exit  # consumer time stays accounted
         else:
             self._inline_stats = self._manager.telemetry.register("lts-inline")
 
@@ -452,7 +466,7 @@ class ThreadIterator(BaseIterator[T]):
     def __next__(self) -> T:
         if self._finished:
             raise StopIteration
-        if self._delegate is not None:
+        if self._delegate is not None and self._pool is None:
             return self._next_delegate()
         entered = self._enter()
         try:

@@ -111,8 +111,9 @@ class ThreadPool:
         # only (one reference store, atomic), read by workers waiting for memory room.
         self.needed: int | None = None
         # Called by each worker after each sample while set (the online "auto" probe):
-        # observer(worker_id, wall_s, cpu_s, running_workers). Set/cleared by the consumer.
-        self.observer: Callable[[int, float, float, int], None] | None = None
+        # observer(worker_id, wall_s, cpu_s, running_workers, gil_wait_s). Set/cleared by
+        # the consumer.
+        self.observer: Callable[[int, float, float, int, float], None] | None = None
         # _lock guards workers, _retiring, _live, _running and _next_id, and serialises
         # writes of target (an int read without the lock as one reference: a stale read
         # only sizes a task share or an admission depth). Invariants: `workers` only
@@ -124,6 +125,12 @@ class ThreadPool:
         self._retiring: set[int] = set()
         self._live: list[int] = []  # ids of started workers that are not retiring, in order
         self._running = 0  # workers started and not yet exited (retiring ones included)
+        # Fork barrier (pause/resume): while _paused, no worker *enters* user code
+        # (dataset, collate_fn, pin); _in_user counts those inside it. Both guarded by
+        # _lock; _quiet (on _lock) is notified when _in_user drops to 0 or on resume.
+        self._paused = False
+        self._in_user = 0
+        self._quiet = threading.Condition(self._lock)
         self._next_id = 0
         self.target = 0
         self.resize(num_workers)
@@ -159,6 +166,44 @@ class ThreadPool:
                 self._running += 1
         if shrinking:
             self.tasks.wake_all()  # idle retiring workers re-check at once
+
+    def pause(self, timeout: float) -> bool:
+        """Stop workers from entering user code and wait until none is inside it.
+
+        Returns ``True`` when no worker is inside user code (the caller may then fork
+        safely: no dataset or allocator lock is held by a worker), ``False`` after
+        ``timeout`` (a sample still running; the pool is resumed). Call
+        :meth:`resume` after a ``True``.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._paused = True
+            while self._in_user > 0 and not self.stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._paused = False
+                    self._quiet.notify_all()
+                    return False
+                self._quiet.wait(min(left, POLL_S))
+            return not self.stop.is_set() or self._in_user == 0
+
+    def resume(self) -> None:
+        with self._lock:
+            self._paused = False
+            self._quiet.notify_all()
+
+    def _user_begin(self) -> None:
+        """A worker is about to run user code: wait while the pool is paused."""
+        with self._lock:
+            while self._paused and not self.stop.is_set():
+                self._quiet.wait(POLL_S)
+            self._in_user += 1
+
+    def _user_end(self) -> None:
+        with self._lock:
+            self._in_user -= 1
+            if self._in_user == 0:
+                self._quiet.notify_all()
 
     def worker_snapshot(self) -> list[tuple[threading.Thread, WorkerStats]]:
         """The worker threads still running, with their stats (for the stall watchdog)."""
@@ -254,8 +299,10 @@ def _worker_loop(pool: ThreadPool, wid: int, stats: WorkerStats) -> None:
             # only clean loads are timings of the workload (no skip, no retry backoff)
             if _run_task(pool, stats, stop, pos, batch) and \
                     stats.skipped + stats.retries == redone:
+                g0 = time.perf_counter()
+                time.sleep(0)  # yield the GIL once: how long until it comes back?
                 observer(wid, stats.fetch_wall_s - wall, stats.fetch_cpu_s - cpu,
-                         pool.running_workers())
+                         pool.running_workers(), time.perf_counter() - g0)
 
 
 def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: int,
@@ -270,9 +317,11 @@ def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: 
             return False
     index = batch.indices[pos]
     stats.current_index = index
+    pool._user_begin()
     try:
         value = pool._fetch(index, batch, stats, stop)
     except BaseException as exc:
+        pool._user_end()
         stats.current_index = None
         pool._on_progress()
         with batch.lock:
@@ -283,6 +332,7 @@ def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: 
         if first:
             pool.ready.put(batch.ordinal, batch)
         return False
+    pool._user_end()
     stats.current_index = None
     pool._on_progress()
     with batch.lock:
@@ -292,10 +342,13 @@ def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: 
         batch.remaining -= 1
         complete = batch.remaining == 0
     if complete:
+        pool._user_begin()
         try:
             pool._finish(batch, stats)
         except BaseException as exc:
             batch.error = exc
+        finally:
+            pool._user_end()
         batch.done = True
         pool.ready.put(batch.ordinal, batch)
     return True

@@ -541,6 +541,11 @@ _GIL_SPEEDUP = 1.3
 _SCALING_CORES = 1.3  # the probe's threads burn more cores than this: not GIL-bound
 _WAITING_CORES = 0.7  # ... fewer than this: they mostly wait (a GIL-bound pool burns ~1)
 _MAX_PROBE_THREADS = 8
+# Mean wait to get the GIL back after yielding it once, in the online probe's window:
+# at least this, the workers fight over the GIL (GIL-bound); below _FREE_GIL_S it is
+# free most of the time (they wait on I/O); in between, a serial phase decides.
+_GIL_WAIT_S = 1e-3
+_FREE_GIL_S = 2e-4
 _MAX_PROBE_PREFETCH = 32
 # Threads for latency-bound samples: cores / (cpu/wall) would just fill the cores if the
 # samples' CPU cost stayed as measured alone; it grows under contention (cache, GIL
@@ -681,7 +686,7 @@ class _ConcurrentState:
     """What the concurrent phase of a probe found (see :func:`probe`)."""
 
     evidence: dict[str, Any]
-    kind: str  # "parallel" | "waiting" | "one core busy"
+    kind: str  # "parallel" | "waiting" | "one core busy" | "free GIL" | "one core"
     ratio: float
     tiny: bool
 
@@ -741,10 +746,23 @@ class _Rules:
             ev["reason"] = (f"CPU-heavy samples (cpu/wall {s_ratio:.2f} alone) gain only "
                             f"{speedup:.2f}x from {k} threads, which burn {cores:.2f} cores: "
                             "GIL-bound")
-            return ProbeResult("process", min(self.cpu_count, self.max_workers), 2, ev)
+            return self._processes(ev)
         state.ratio = min(state.ratio, s_ratio)
         ev["cpu_wall_ratio"] = state.ratio
         return self.decide(state)
+
+    def gil_bound(self, state: _ConcurrentState, gil_wait_s: float) -> ProbeResult:
+        """Processes for samples the online probe saw fight over the GIL."""
+        ev = state.evidence
+        ev["reason"] = (f"{ev['threads']} threads burn {ev['process_cores']:.2f} cores and wait "
+                        f"{1e3 * gil_wait_s:.1f} ms on average to get the GIL back: "
+                        "GIL-bound")
+        return self._processes(ev)
+
+    def _processes(self, ev: dict[str, Any]) -> ProbeResult:
+        # One process per core: more would buy little (a few % on W3) for a copy of the
+        # dataset each and torch's "more workers than cores" warning.
+        return ProbeResult("process", min(self.cpu_count, self.max_workers), 2, ev)
 
     def decide(self, state: _ConcurrentState) -> ProbeResult:
         ev, ratio = state.evidence, state.ratio
@@ -771,6 +789,8 @@ class _Rules:
                 "waiting": f"threads mostly wait ({cores_txt} cores busy)",
                 "one core busy": f"{ev['speedup'] or 0:.2f}x from {ev['threads']} threads: "
                                  "not GIL-bound",
+                "free GIL": f"{cores_txt} cores busy, the GIL mostly free: waiting, not "
+                            "GIL-bound",
                 "one core": "one core"}[state.kind]
         bound = "latency-bound" if ratio < _CPU_HEAVY_RATIO else "CPU-bound"
         ev["reason"] = f"{bound} samples (cpu/wall {ratio:.2f}; {what}): {workers} threads"
@@ -857,18 +877,24 @@ class OnlineProbe:
         self._start: float | None = None  # wall clock at the window's start
         self._walls: list[float] = []  # per-sample wall / thread CPU: the window, then serial
         self._cpus: list[float] = []
+        self._gil: list[float] | None = []  # GIL waits in the window (None: not measured)
         self._state: _ConcurrentState | None = None  # set when the serial phase starts
         self._serial_open = False  # one worker left: the serial samples count from now
 
-    def observe(self, worker: int, *, wall_s: float, cpu_s: float, live_workers: int) -> None:
-        """A worker finished a sample that took ``wall_s`` / ``cpu_s`` (thread CPU)."""
+    def observe(self, worker: int, *, wall_s: float, cpu_s: float, live_workers: int,
+                gil_wait_s: float | None = None) -> None:
+        """A worker finished a sample that took ``wall_s`` / ``cpu_s`` (thread CPU).
+
+        ``gil_wait_s``: how long the worker then waited to get the GIL back after
+        yielding it once (``time.sleep(0)``), or ``None`` if not measured.
+        """
         if self.result is not None:
             return
         with self._lock:
             if self.result is not None:
                 return
             if self._state is None:
-                self._observe_concurrent(worker, wall_s, cpu_s)
+                self._observe_concurrent(worker, wall_s, cpu_s, gil_wait_s)
             elif live_workers <= 1:
                 if not self._serial_open:
                     # samples that started while other workers ran do not count
@@ -880,7 +906,8 @@ class OnlineProbe:
                 if n >= self._serial or (n >= 2 and sum(self._walls) >= self._enough_s):
                     self._publish(self._rules.after_serial(self._state, self._walls, self._cpus))
 
-    def _observe_concurrent(self, worker: int, wall_s: float, cpu_s: float) -> None:
+    def _observe_concurrent(self, worker: int, wall_s: float, cpu_s: float,
+                            gil_wait_s: float | None) -> None:
         if self._start is None:
             self._warm.add(worker)
             if len(self._warm) >= self.threads:
@@ -888,6 +915,11 @@ class OnlineProbe:
             return
         self._walls.append(wall_s)
         self._cpus.append(cpu_s)
+        if self._gil is not None:
+            if gil_wait_s is None:
+                self._gil = None
+            else:
+                self._gil.append(gil_wait_s)
         n = len(self._walls)
         if n >= self._window or (n >= 2 and self._clock() - self._start >= self._enough_s):
             self._close_window()
@@ -903,6 +935,21 @@ class OnlineProbe:
         cores = sum(self._cpus) / elapsed if elapsed > 0 else float(self.threads)
         state = self._rules.concurrent(self.threads, samples=len(self._walls), elapsed_s=elapsed,
                                        cpu_s=sum(self._cpus), process_cores=cores)
+        if state.kind != "parallel" and not state.tiny and self._gil:
+            # About one core busy: the GIL, or waits of 1 - 1/threads. Yielding the GIL
+            # once after each sample tells them apart without a serial phase: a worker
+            # gets it back at once unless another thread holds it running Python (then
+            # after up to the switch interval, 5 ms by default).
+            gil = sum(self._gil) / len(self._gil)
+            state.evidence["gil_wait_ms"] = 1e3 * gil
+            cpu = sum(self._cpus) / len(self._cpus)
+            if gil >= _GIL_WAIT_S and cpu >= _MIN_PROCESS_SAMPLE_S:
+                self._publish(self._rules.gil_bound(state, gil))
+                return
+            if gil < _FREE_GIL_S and state.kind == "one core busy":
+                state.kind = "free GIL"
+                self._publish(self._rules.decide(state))
+                return
         if state.needs_serial:
             self._state = state
             self._walls, self._cpus = [], []
