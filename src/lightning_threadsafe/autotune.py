@@ -647,15 +647,8 @@ def probe(
     if len(indices) < 4:
         raise ValueError(f"indices={indices!r} must hold at least 4 indices "
                          f"(most loaded concurrently, the rest serially if needed)")
-    if cpu_count is None:
-        cpu_count = usable_cpu_count()
-    _check_int("cpu_count", cpu_count, 1)
-    if max_workers is None:
-        max_workers = min(64, 8 * cpu_count)
-    _check_int("max_workers", max_workers, 1)
-    if batch_size is not None:
-        _check_int("batch_size", batch_size, 1)
-
+    rules = _Rules.checked(cpu_count, max_workers, batch_size, prefetch_per_worker)
+    cpu_count = rules.cpu_count
     if serial is None:
         serial = len(indices) // 3
     if isinstance(serial, bool) or not isinstance(serial, int) or not \
@@ -664,7 +657,6 @@ def probe(
                          f"(at least 2 of the {len(indices)} indices load concurrently)")
     first = indices[:len(indices) - serial]
     rest = indices[len(first):]
-    rules = _Rules(cpu_count, max_workers, batch_size, prefetch_per_worker)
     if cpu_count == 1:
         walls, cpus = _load_serially(load, first, clock, thread_clock)
         if len(walls) >= 3:  # the first sample is a warm-up
@@ -703,6 +695,21 @@ class _Rules:
     max_workers: int
     batch_size: int | None
     prefetch_per_worker: bool
+
+    @classmethod
+    def checked(cls, cpu_count: int | None, max_workers: int | None, batch_size: int | None,
+                prefetch_per_worker: bool) -> _Rules:
+        """Validated rules; ``cpu_count`` defaults to the usable cores, ``max_workers``
+        to ``min(64, 8 * cpu_count)``."""
+        if cpu_count is None:
+            cpu_count = usable_cpu_count()
+        _check_int("cpu_count", cpu_count, 1)
+        if max_workers is None:
+            max_workers = min(64, 8 * cpu_count)
+        _check_int("max_workers", max_workers, 1)
+        if batch_size is not None:
+            _check_int("batch_size", batch_size, 1)
+        return cls(cpu_count, max_workers, batch_size, prefetch_per_worker)
 
     def _base(self) -> dict[str, Any]:
         return {"cpu_count": self.cpu_count, "serial_cpu_wall_ratio": None, "speedup": None,
@@ -844,15 +851,8 @@ class OnlineProbe:
                  enough_s: float = 0.03,
                  clock: Callable[[], float] = time.perf_counter,
                  on_serial: Callable[[], None] | None = None) -> None:
-        if cpu_count is None:
-            cpu_count = usable_cpu_count()
         _check_int("threads", threads, 1)
-        _check_int("cpu_count", cpu_count, 1)
-        if max_workers is None:
-            max_workers = min(64, 8 * cpu_count)
-        _check_int("max_workers", max_workers, 1)
-        if batch_size is not None:
-            _check_int("batch_size", batch_size, 1)
+        self._rules = _Rules.checked(cpu_count, max_workers, batch_size, prefetch_per_worker)
         if window is None:
             window = max(4, 2 * threads)
         _check_int("window", window, 2)
@@ -862,7 +862,6 @@ class OnlineProbe:
         self.threads = threads
         self.result: ProbeResult | None = None
         self.wanted_workers = threads
-        self._rules = _Rules(cpu_count, max_workers, batch_size, prefetch_per_worker)
         self._window = window
         self._serial = serial
         self._enough_s = enough_s
