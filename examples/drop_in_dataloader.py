@@ -41,5 +41,5 @@ if __name__ == "__main__":
         print("fetch ms/sample:", round(report["rates"]["fetch_ms"], 2),
               "| errors:", report["errors"]["raised"])
     with ThreadedDataLoader(ds, batch_size=16, num_workers="auto", seed=0) as loader:
-        rate = timed(loader)  # the first epoch includes the start-up probe
+        rate = timed(loader)  # the first epoch includes the online probe's short window
         print(f"ThreadedDataLoader, auto -> {loader.settings}: {rate:7.1f} samples/s")

@@ -49,7 +49,7 @@ Why this order, and the ambiguous cases:
   core while more than one thread is busy. That alone cannot be told apart from
   latency-bound samples whose GIL-free CPU happens to add up to one core, so
   when a serial baseline is known (learned from any window with ``threads <= 1``
-  or passed as ``serial_cpu_ratio``, e.g. from the start-up probe) the rule also
+  or passed as ``serial_cpu_ratio``, e.g. from the probe) the rule also
   asks that samples take ``gil_inflation`` times longer than they do alone.
   ``fetch_cores`` is used rather than process CPU because the process figure
   includes the training step.

@@ -118,7 +118,8 @@ class LoaderConfig:
     """The loader's knobs, as plain YAML-friendly values.
 
     ``"auto"`` is accepted for ``num_workers``, ``prefetch_factor`` and
-    ``executor`` (a start-up probe picks values, the auto-tuner refines them).
+    ``executor`` (the online probe picks values during the first batches, the auto-tuner
+    refines them).
     ``memory_budget`` takes bytes, ``"4GiB"``/``"512MB"``, a fraction of
     available memory (``0.25``), ``"auto"`` (half of available memory split
     among local ranks) or ``None`` (no budget).

@@ -124,7 +124,8 @@ class ThreadedDataLoader(Generic[T]):
 
     Keyword-only extras:
         executor: ``"thread"`` (default), ``"process"`` (torch's multiprocessing
-            workers; for GIL-bound datasets), or ``"auto"`` (a start-up probe picks).
+            workers; for GIL-bound datasets), or ``"auto"`` (an online probe picks while the
+            first batches load).
         memory_budget: bytes, ``"4GiB"``, a fraction of available memory, ``"auto"``
             (half of available memory split among local ranks) or ``None``. Prefetch
             slows down instead of exceeding it (thread executor).
