@@ -233,9 +233,10 @@ def test_observe_is_safe_from_many_threads():
 # ------------------------------------------------------------------ the pool it resizes
 
 
-def _pool(n: int, fetch, finish=lambda b, s: setattr(b, "payload", list(b.results))):
+def _pool(n: int, fetch, finish=lambda b, s: setattr(b, "payload", list(b.results)),
+          **kw):
     return ThreadPool(num_workers=n, fetch=fetch, finish=finish, telemetry=LoaderTelemetry(),
-                      in_order=True, on_progress=lambda: None, name="resize")
+                      in_order=True, on_progress=lambda: None, name="resize", **kw)
 
 
 def _names() -> set[str]:
@@ -543,7 +544,7 @@ def test_pause_waits_for_workers_to_leave_user_code_and_holds_them_out():
             release.wait(timeout=60)
         return index
 
-    pool = _pool(2, fetch)
+    pool = _pool(2, fetch, guarded=True)
     try:
         b0, b1 = BatchState(0, [0]), BatchState(1, [1, 2, 3])
         pool.submit(b0, [0])

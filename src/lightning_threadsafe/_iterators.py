@@ -278,7 +278,7 @@ class ThreadIterator(BaseIterator[T]):
                 telemetry=manager.telemetry, in_order=self._in_order,
                 on_progress=watchdog.progress, worker_init_fn=_thread_init_fn(loader.worker_init_fn),
                 worker_context=manager.worker_context, on_worker_exit=manager.on_worker_exit,
-                name="worker",
+                name="worker", guarded=probe is not None,  # the probe may fork mid-epoch
             )
             pool_box.append(self._pool)
             manager.attach_pool(self._pool)
@@ -414,6 +414,8 @@ class ThreadIterator(BaseIterator[T]):
             self._switch = "inline"
         else:
             pool.resize(int(settings["num_workers"]))
+        if self._switch != "process" or self._delegate is not None:
+            pool.guarded = False  # no fork ahead while these workers run
 
     def _start_delegate(self, loader: ThreadedDataLoader[Any]) -> None:
         from lightning_threadsafe._process import ProcessIterator

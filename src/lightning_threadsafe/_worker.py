@@ -71,6 +71,7 @@ class ThreadPool:
             (deadlock-detector activation), may be a no-op.
         on_worker_exit: called in the worker thread as it exits (closes thread-local resources).
         name: thread name prefix (``lts-<name>-<n>``).
+        guarded: workers take part in the fork barrier (:meth:`pause`) from the start.
     """
 
     def __init__(
@@ -86,6 +87,7 @@ class ThreadPool:
         worker_context: Callable[[], contextlib.AbstractContextManager[Any]] = _noop_context,
         on_worker_exit: Callable[[], None] | None = None,
         name: str = "worker",
+        guarded: bool = False,
     ) -> None:
         self.tasks: PriorityWorkQueue[BatchState] = PriorityWorkQueue()
         # A worker takes up to this many consecutive samples of a batch per queue visit:
@@ -128,6 +130,11 @@ class ThreadPool:
         # Fork barrier (pause/resume): while _paused, no worker *enters* user code
         # (dataset, collate_fn, pin); _in_user counts those inside it. Both guarded by
         # _lock; _quiet (on _lock) is notified when _in_user drops to 0 or on resume.
+        # The barrier costs two lock round-trips per sample, so workers only take part
+        # while `guarded` is True (set before any worker starts when the online probe
+        # may fork; cleared by the consumer once it no longer will: a worker that reads
+        # False can no longer meet a pause). One reference store, read without the lock.
+        self.guarded = guarded
         self._paused = False
         self._in_user = 0
         self._quiet = threading.Condition(self._lock)
@@ -216,8 +223,9 @@ class ThreadPool:
             return self._running
 
     def _retiring_now(self, wid: int) -> bool:
-        with self._lock:
-            return wid in self._retiring
+        # Read without _lock (a per-turn lock on the hot path): set membership is atomic,
+        # with or without the GIL; a stale answer only retires the worker one turn later.
+        return wid in self._retiring
 
     def submit(self, batch: BatchState, positions: list[int]) -> None:
         """Queue the samples of ``batch`` at ``positions`` (the others are already loaded)."""
@@ -317,11 +325,14 @@ def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: 
             return False
     index = batch.indices[pos]
     stats.current_index = index
-    pool._user_begin()
+    guarded = pool.guarded
+    if guarded:
+        pool._user_begin()
     try:
         value = pool._fetch(index, batch, stats, stop)
     except BaseException as exc:
-        pool._user_end()
+        if guarded:
+            pool._user_end()
         stats.current_index = None
         pool._on_progress()
         with batch.lock:
@@ -332,7 +343,8 @@ def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: 
         if first:
             pool.ready.put(batch.ordinal, batch)
         return False
-    pool._user_end()
+    if guarded:
+        pool._user_end()
     stats.current_index = None
     pool._on_progress()
     with batch.lock:
@@ -342,13 +354,16 @@ def _run_task(pool: ThreadPool, stats: WorkerStats, stop: threading.Event, pos: 
         batch.remaining -= 1
         complete = batch.remaining == 0
     if complete:
-        pool._user_begin()
+        guarded = pool.guarded
+        if guarded:
+            pool._user_begin()
         try:
             pool._finish(batch, stats)
         except BaseException as exc:
             batch.error = exc
         finally:
-            pool._user_end()
+            if guarded:
+                pool._user_end()
         batch.done = True
         pool.ready.put(batch.ordinal, batch)
     return True
