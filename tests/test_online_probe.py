@@ -322,6 +322,7 @@ class ScriptedProbe:
         self._lock = threading.Lock()  # guards seen/live_seen (workers call observe)
         self.seen = 0
         self.live_seen: list[int] = []
+        self.on_serial = lambda: None  # replaced by the loader (shrinks its pool)
 
     def observe(self, worker: int, *, wall_s: float, cpu_s: float, live_workers: int,
                 gil_wait_s: float | None = None) -> None:
@@ -332,6 +333,7 @@ class ScriptedProbe:
                 return
             if self._serial_first and self.wanted_workers != 1:
                 self.wanted_workers = 1
+                self.on_serial()  # as OnlineProbe does, under its lock
                 return
             if self.seen >= self._after and (not self._serial_first or live_workers == 1):
                 if self._final.executor == "thread" and self._final.num_workers > 0:

@@ -218,8 +218,9 @@ class ThreadIterator(BaseIterator[T]):
         # pool, or switch the rest of the epoch to inline loading or to processes.
         self._probe = probe
         # "inline" or "process" once decided: admission stops; when the pool's admitted
-        # batches are delivered it is shut (threads joined, so torch never forks while
-        # one of them is inside user code) and the rest of the epoch loads that way.
+        # batches are delivered it is shut and the rest of the epoch loads that way. The
+        # processes may start earlier, at the pool's pause barrier (no worker inside user
+        # code while torch forks), or else once the threads are joined.
         self._switch: str | None = None
         self._handover: Iterator[tuple[int, list[Any]]] | None = None  # plan left for processes
         self._delegate: BaseIterator[Any] | None = None  # process executor for the rest
@@ -365,17 +366,14 @@ class ThreadIterator(BaseIterator[T]):
     # -- the online probe (consumer thread only) -----------------------------------
 
     def _poll_probe(self) -> None:
-        """Apply what the online probe asks for: a pool size now, settings once decided."""
-        probe, pool = self._probe, self._pool
-        if probe is None or pool is None:
+        """Apply the online probe's decision once there is one (the serial phase's
+        shrink needs nothing here: the probe does it through ``on_serial``)."""
+        probe = self._probe
+        if probe is None or self._pool is None:
             return
         result = probe.result
-        if result is None:
-            wanted = probe.wanted_workers
-            if wanted != pool.target:
-                pool.resize(wanted)
-            return
-        self._apply_probe_result(result)
+        if result is not None:
+            self._apply_probe_result(result)
 
     def _apply_probe_result(self, result: Any, *, act: bool = True) -> None:
         """Store the decided settings; with ``act``, also resize or prepare a switch."""

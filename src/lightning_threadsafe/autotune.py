@@ -92,6 +92,11 @@ _MAX_WAIT_WINDOWS = 2
 _IDLE_UTILISATION = 0.5
 
 
+def default_max_workers(cpu_count: int) -> int:
+    """The thread cap of the tuner and the probes: 8 per core, at most 64."""
+    return min(64, 8 * cpu_count)
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
@@ -239,7 +244,7 @@ class HillClimbTuner:
             cpu_count = usable_cpu_count()
         _check_int("cpu_count", cpu_count, 1)
         if max_workers is None:
-            max_workers = min(64, 8 * cpu_count)
+            max_workers = default_max_workers(cpu_count)
         _check_int("min_workers", min_workers, 1)
         _check_int("max_workers", max_workers, min_workers)
         _check_int("min_prefetch", min_prefetch, 1)
@@ -705,7 +710,7 @@ class _Rules:
             cpu_count = usable_cpu_count()
         _check_int("cpu_count", cpu_count, 1)
         if max_workers is None:
-            max_workers = min(64, 8 * cpu_count)
+            max_workers = default_max_workers(cpu_count)
         _check_int("max_workers", max_workers, 1)
         if batch_size is not None:
             _check_int("batch_size", batch_size, 1)

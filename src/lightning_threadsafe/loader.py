@@ -442,8 +442,7 @@ class ThreadedDataLoader(Generic[T]):
         cpus = _usable_cpus()
         nw = s["num_workers"]
         threads = min(cpus, _PROBE_THREADS) if nw == "auto" else int(nw)
-        return OnlineProbe(threads=threads, cpu_count=cpus,
-                           window=max(4, 2 * threads), serial=_PROBE_SERIAL)
+        return OnlineProbe(threads=threads, cpu_count=cpus, serial=_PROBE_SERIAL)
 
     def _epoch_started(self, epoch: int) -> None:
         """Called by an iterator at its first delivery (or when it ends empty)."""
