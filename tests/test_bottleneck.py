@@ -165,6 +165,24 @@ def test_serial_baseline_separates_gil_from_latency():
     assert v2.code is Bottleneck.GIL and v2.evidence["wall_inflation"] == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("serial_cpu_ratio", [None, 1.0])
+def test_gil_rule_is_off_when_the_gil_is_disabled(monkeypatch, serial_cpu_ratio):
+    # Free-threaded Python: the same one-core pattern cannot be the GIL. The window goes
+    # on to the other rules: 4 threads at cpu/wall 0.25 wait (IO), 2 threads at 0.5
+    # compute (CPU, more threads) -- never GIL, whatever the serial baseline says.
+    assert verdict_of(gil_window(), serial_cpu_ratio=serial_cpu_ratio).code is Bottleneck.GIL
+    monkeypatch.setattr("lightning_threadsafe.bottleneck.gil_enabled", lambda: False)
+    v = verdict_of(gil_window(), serial_cpu_ratio=serial_cpu_ratio)
+    assert v.code is Bottleneck.IO and v.evidence["gil_enabled"] is False
+    assert "executor='process'" not in v.recommendation
+    two = win(threads=2, samples=100, wall_ms=20.0, cpu_ms=10.0, wait=0.7)
+    v2 = verdict_of(two, serial_cpu_ratio=serial_cpu_ratio)
+    assert v2.code is Bottleneck.CPU and "raise num_workers" in v2.recommendation
+    monkeypatch.setattr("lightning_threadsafe.bottleneck.gil_enabled", lambda: True)
+    assert verdict_of(two, serial_cpu_ratio=serial_cpu_ratio).code is Bottleneck.GIL
+    assert verdict_of(gil_window()).evidence["gil_enabled"] is True
+
+
 def test_learned_baseline_overrides_given_and_survives_reset():
     det = BottleneckDetector(cpu_count=4, serial_cpu_ratio=0.9)
     assert det.serial_cpu_ratio == 0.9

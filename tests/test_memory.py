@@ -558,3 +558,122 @@ def test_simulation_without_budget_exceeds_it():
     s = simulate(None, batch_sizes=iter(lambda: batch, None))
     assert s["peak_bytes_in_flight"] > 3 * (budget + batch)
     assert s["throttle_events"] == 0
+
+
+# ------------------------------------------------- waiting for room (worker side)
+
+
+def _in_thread(fn) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # carried to the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=run, name="test-memory-waiter", daemon=True)
+    t.start()
+    return t, errors
+
+
+def test_wait_for_room_calls_required_outside_the_governor_lock():
+    """No callback under the governor's lock: required() (the ready buffer's length, the
+    pool's needed ordinal) must not create a lock order governor -> ready buffer."""
+    gov, _, _ = make(1000)
+    gov.add(900)
+    held: list[bool] = []
+
+    def required() -> bool:
+        held.append(gov._lock.locked())  # white-box: only this thread could hold it here
+        return True
+
+    gov.wait_for_room(500, required=required, stop=threading.Event(), poll=3600)
+    assert held == [False]
+
+
+def test_wake_waiters_is_not_lost_when_the_needed_batch_changes_before_the_wait():
+    """The consumer makes the waiting batch the needed one and wakes the waiters right
+    after the worker read required() -- before it waits. The worker must still see it
+    (a notify sent before the wait would be lost: it would sleep the whole poll)."""
+    gov, _, _ = make(1000)
+    gov.add(900)
+    needed = [False]
+    calls = [0]
+
+    def required() -> bool:
+        calls[0] += 1
+        if calls[0] == 1:  # the consumer's move lands between this read and the wait
+            needed[0] = True
+            gov.wake_waiters()
+            return False
+        return needed[0]
+
+    stop = threading.Event()
+    t, errors = _in_thread(lambda: gov.wait_for_room(500, required=required, stop=stop,
+                                                     poll=3600))
+    try:
+        t.join(timeout=60)  # returns at once when correct; the bound only ends a failure
+        assert not t.is_alive(), "the worker missed wake_waiters() and sleeps its whole poll"
+        assert not errors and calls[0] == 2
+    finally:
+        stop.set()
+        gov.wake_waiters()
+        t.join(timeout=10)
+
+
+def test_wake_waiters_wakes_a_waiting_worker():
+    gov, _, _ = make(1000)
+    gov.add(900)
+    needed = threading.Event()
+    asked = threading.Semaphore(0)
+
+    def required() -> bool:
+        asked.release()
+        return needed.is_set()
+
+    stop = threading.Event()
+    t, errors = _in_thread(lambda: gov.wait_for_room(500, required=required, stop=stop,
+                                                     poll=3600))
+    try:
+        assert asked.acquire(timeout=60)  # it asked once, found no room: it waits now
+        needed.set()
+        gov.wake_waiters()
+        t.join(timeout=60)
+        assert not t.is_alive() and not errors
+    finally:
+        stop.set()
+        gov.wake_waiters()
+        t.join(timeout=10)
+
+
+def test_release_making_room_wakes_a_waiting_worker():
+    gov, _, _ = make(1000)
+    gov.add(900)
+    asked = threading.Semaphore(0)
+
+    def required() -> bool:
+        asked.release()
+        return False
+
+    stop = threading.Event()
+    t, errors = _in_thread(lambda: gov.wait_for_room(500, required=required, stop=stop,
+                                                     poll=3600))
+    try:
+        assert asked.acquire(timeout=60)
+        gov.release(900)
+        t.join(timeout=60)
+        assert not t.is_alive() and not errors
+    finally:
+        stop.set()
+        gov.wake_waiters()
+        t.join(timeout=10)
+
+
+def test_wait_for_room_returns_at_once_when_it_fits_or_without_budget():
+    gov, _, _ = make(1000)
+    gov.add(100)
+    gov.wait_for_room(500, required=lambda: False, stop=threading.Event(), poll=3600)
+    unlimited, _, _ = make(None)
+    unlimited.add(10**9)
+    unlimited.wait_for_room(10**9, required=lambda: False, stop=threading.Event(), poll=3600)

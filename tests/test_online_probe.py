@@ -4,6 +4,7 @@ switching executor mid-epoch with exactly the batches a static loader gives."""
 from __future__ import annotations
 
 import collections
+import os
 import threading
 
 import pytest
@@ -12,9 +13,9 @@ from _helpers import AugmentedDataset, RangeDataset, flat_indices
 
 from lightning_threadsafe import ThreadedDataLoader
 from lightning_threadsafe._worker import BatchState, ThreadPool
-from lightning_threadsafe.autotune import OnlineProbe, ProbeResult
 from lightning_threadsafe.scheduler import PriorityWorkQueue
 from lightning_threadsafe.telemetry import LoaderTelemetry
+from lightning_threadsafe.tuning import OnlineProbe, ProbeResult
 
 
 class Clocks:
@@ -477,10 +478,10 @@ def test_real_online_probe_on_sleeping_samples_picks_threads():
 # ------------------------------------------------------------- where the probe must run first
 
 
-def test_settings_needed_before_loading_use_the_synchronous_probe_and_keep_its_samples():
+def test_settings_needed_before_loading_follow_rules_and_load_nothing_twice():
+    """No pool to probe in (num_workers=0 fixed): "auto" resolves by rule, nothing is preloaded."""
     ds = AugmentedDataset(24, max_delay_ms=1.0)
     ref = list(ThreadedDataLoader(ds, batch_size=4, seed=2))
-    # num_workers=0 is fixed, so loading is inline and "auto" resolves before it starts
     loader = ThreadedDataLoader(ds, batch_size=4, seed=2, num_workers=0, executor="auto",
                                 prefetch_factor="auto")
     got = list(loader)
@@ -488,11 +489,11 @@ def test_settings_needed_before_loading_use_the_synchronous_probe_and_keep_its_s
     assert all(torch.equal(a["x"], b["x"]) for a, b in zip(got, ref))
     report = loader.get_thread_safety_performance_report()
     assert "online" not in report["probe"]["evidence"]
-    if report["settings"]["executor"] == "thread":
-        assert report["totals"]["samples"] == 24  # the probe's samples were kept
+    assert report["settings"]["executor"] == "thread" and report["settings"]["num_workers"] == 0
+    assert report["totals"]["samples"] == 24  # each sample loaded once
 
 
-def test_explicit_processes_with_auto_workers_probe_first():
+def test_explicit_processes_with_auto_workers_take_one_per_core():
     ds = AugmentedDataset(24)
     ref = list(ThreadedDataLoader(ds, batch_size=4, seed=2))
     loader = ThreadedDataLoader(ds, batch_size=4, seed=2, num_workers="auto",
@@ -500,7 +501,7 @@ def test_explicit_processes_with_auto_workers_probe_first():
     got = list(loader)
     assert [b["index"].tolist() for b in got] == [b["index"].tolist() for b in ref]
     s = loader.get_thread_safety_performance_report()["settings"]
-    assert s["executor"] == "process" and isinstance(s["num_workers"], int)
+    assert s["executor"] == "process" and s["num_workers"] == len(os.sched_getaffinity(0))
 
 
 def test_prefetch_auto_alone_resolves_without_probing():
@@ -509,7 +510,7 @@ def test_prefetch_auto_alone_resolves_without_probing():
     assert torch.cat(list(loader)).flatten().tolist() == list(range(40))
     report = loader.get_thread_safety_performance_report()
     assert report["settings"]["num_workers"] == 3 and report["settings"]["prefetch_factor"] == 2
-    assert "fixed workers" in report["probe"]["evidence"]["reason"]
+    assert "2 batches in flight per worker" in report["probe"]["evidence"]["reason"]
 
 
 def test_failed_and_skipped_samples_are_not_reported_to_the_probe():

@@ -8,7 +8,6 @@ Import names (see the README for the full contract)::
 
 from typing import TYPE_CHECKING
 
-from lightning_threadsafe.autotune import HillClimbTuner, probe
 from lightning_threadsafe.bottleneck import Bottleneck, BottleneckDetector, Verdict
 from lightning_threadsafe.checker import ThreadSafetyReport, check_thread_safety
 from lightning_threadsafe.config import LoaderConfig
@@ -20,6 +19,7 @@ from lightning_threadsafe.manager import ThreadSafetyManager
 from lightning_threadsafe.memory import MemoryGovernor
 from lightning_threadsafe.resources import ThreadLocalResource, ThreadSafeResource
 from lightning_threadsafe.rng import sample_rng, sample_torch_generator
+from lightning_threadsafe.tuning import HillClimbTuner
 
 if TYPE_CHECKING:
     from lightning_threadsafe.datamodule import ThreadedDataModule
@@ -55,7 +55,6 @@ __all__ = [
     "ThreadedDataModule",
     "Verdict",
     "check_thread_safety",
-    "probe",
     "sample_rng",
     "sample_torch_generator",
 ]

@@ -98,13 +98,7 @@ def load_sample(
         if not fatal and attempts <= retries:
             if stats is not None:
                 stats.retries += 1
-            delay = min(policy.backoff_s * (2 ** (attempts - 1)), _MAX_BACKOFF_S)
-            # Interruptible backoff: a stopping loader does not wait it out.
-            if stop is not None:
-                if stop.wait(delay):
-                    fatal = True
-            else:
-                time.sleep(delay)
+            fatal = _back_off(policy, attempts, stop)
             if not fatal:
                 continue
         skip = not fatal and (
@@ -123,6 +117,18 @@ def load_sample(
             batch_ordinal=ordinal,
             attempts=attempts,
         ) from failure
+
+
+def _back_off(policy: FetchPolicy, attempts: int, stop: threading.Event | None) -> bool:
+    """Wait before the next attempt; ``True`` when the loader stopped meanwhile.
+
+    Interruptible: a stopping loader does not wait the backoff out.
+    """
+    delay = min(policy.backoff_s * (2 ** (attempts - 1)), _MAX_BACKOFF_S)
+    if stop is not None:
+        return stop.wait(delay)
+    time.sleep(delay)
+    return False
 
 
 def _attempt(dataset: Any, index: Any, local: Any, ctx: Any, stats: WorkerStats | None,

@@ -41,7 +41,12 @@ _OMP_LIBRARY = re.compile(r"lib(g|i)?omp[^/]*\.(so|dylib)[.\d]*$")
 _UNRESOLVED = object()
 # The setter, None (no runtime found), or _UNRESOLVED; published by one reference store.
 _setter: object = _UNRESOLVED
-_resolve_lock = threading.Lock()  # serialises the one-time lookup (not the calls)
+# Serialises the one-time lookup (not the calls): held by the first loader thread to start
+# while it runs the trial (at most _LOOKUP_TIMEOUT_S); threads starting meanwhile wait on it.
+_resolve_lock = threading.Lock()
+# Longest wait for the trial thread: a runtime that hangs (a dlopen stuck on the loader
+# lock, a lock inherited at fork) must not hang every loader thread that starts.
+_LOOKUP_TIMEOUT_S = 10.0
 
 
 def _loaded_omp_libraries() -> list[str]:
@@ -76,8 +81,13 @@ def _candidates() -> list[Callable[[int], None]]:
 
 def _lookup() -> Callable[[int], None] | None:
     """The ``omp_set_num_threads`` of the runtime torch uses: the first candidate that
-    torch sees take effect, tried on a short-lived thread (its setting dies with it)."""
-    found: list[Callable[[int], None]] = []
+    torch sees take effect, tried on a short-lived thread (its setting dies with it).
+
+    ``None`` when no runtime is found or the trial does not finish within
+    ``_LOOKUP_TIMEOUT_S`` (it is then left to finish on its own: a daemon thread whose
+    late answer is ignored).
+    """
+    found: list[Callable[[int], None]] = []  # written by the trial only, read after its join
 
     def trial() -> None:
         before = torch.get_num_threads()  # torch's lazy per-thread initialisation
@@ -90,7 +100,9 @@ def _lookup() -> Callable[[int], None] | None:
 
     t = threading.Thread(target=trial, name="lts-intraop-lookup", daemon=True)
     t.start()
-    t.join()
+    t.join(_LOOKUP_TIMEOUT_S)
+    if t.is_alive():
+        return None
     return found[0] if found else None
 
 

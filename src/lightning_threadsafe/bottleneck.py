@@ -29,7 +29,7 @@ order  code                  condition                                          
 3      TRANSFER              ``transfer_share >= transfer_threshold`` [0.5]              raise prefetch, pin_memory
 4      CPU                   ``cores >= cpu_saturation * C`` [0.85] and                  cheaper transforms / more cores
                              ``busy >= C / 2`` (the loader's threads burn them)
-5      GIL                   ``C >= 2`` and ``busy >= 1.5`` and                          executor="process"
+5      GIL                   the GIL is enabled, ``C >= 2`` and ``busy >= 1.5`` and      executor="process"
                              ``gil_low <= fetch_cores <= gil_high`` [0.7, 1.2] and
                              (no serial baseline, or ``inflation >= gil_inflation`` [1.5])
 6      IO                    ``cpu_wall < io_ratio`` [0.5]                               raise num_workers (threads)
@@ -62,6 +62,11 @@ Why this order, and the ambiguous cases:
   recommendations then name ``prefetch`` first.
 - MEMORY and TRANSFER come before the per-sample rules because they cap the
   pipeline whatever the sample costs.
+- *Free-threaded Python.* With the GIL disabled
+  (:func:`~lightning_threadsafe._gil.gil_enabled` false at ``compute``) rule 5 is
+  off: threads that burn one core between them are not serialised by a lock the
+  interpreter holds, so the window goes on to the IO and CPU rules (threads).
+  ``evidence["gil_enabled"]`` says which way it went.
 
 Example::
 
@@ -80,11 +85,10 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
+from lightning_threadsafe._gil import gil_enabled
 from lightning_threadsafe.telemetry import GAUGES, TelemetryWindow
 
 __all__ = ["Bottleneck", "BottleneckDetector", "Verdict", "usable_cpu_count"]
-
-
 
 
 def usable_cpu_count() -> int:
@@ -171,7 +175,8 @@ class BottleneckDetector:
         gil_inflation: with a serial baseline, how much longer samples must take
             under concurrency than alone to blame the GIL.
         serial_cpu_ratio: CPU/wall of a sample loaded alone (e.g. from
-            :func:`~lightning_threadsafe.autotune.probe`); windows with one thread
+            the ``serial_cpu_wall_ratio`` evidence of
+            :class:`~lightning_threadsafe.tuning.OnlineProbe`); windows with one thread
             refine it.
 
     Raises:
@@ -328,6 +333,8 @@ class BottleneckDetector:
                        f"on {c} cores")
 
     def _gil_bound(self, ev: dict[str, Any]) -> bool:
+        if not ev["gil_enabled"]:  # free-threaded: threads are not serialised by a GIL
+            return False
         if self.cpu_count < 2 or ev["busy_threads"] < 1.5:
             return False
         if not self.gil_low <= ev["fetch_cpu_cores"] <= self.gil_high:
@@ -358,6 +365,7 @@ class BottleneckDetector:
             "cpu_count": self.cpu_count,
             "serial_cpu_ratio": serial,
             "wall_inflation": inflation,
+            "gil_enabled": gil_enabled(),
             "fetch_ms": w.fetch_ms,
             "cpu_per_sample_ms": w.cpu_per_sample_ms,
             "transfer_ms": w.transfer_ms,

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
-__all__ = ["LoaderConfig", "parse_size"]
+__all__ = ["LoaderConfig", "check_loader_args", "parse_size"]
 
 ExecutorName = Literal["thread", "process", "auto"]
 ErrorPolicy = Literal["raise", "skip", "retry"]
@@ -113,6 +113,119 @@ def check_timeout(name: str, value: Any, *, none: bool = True, zero: bool = True
         raise ValueError(f"{name}={value!r} must be {allowed}")
 
 
+def _is_iterable_dataset(dataset: Any) -> bool:
+    from torch.utils.data import IterableDataset
+
+    return isinstance(dataset, IterableDataset) or (
+        not hasattr(dataset, "__getitem__") and hasattr(dataset, "__iter__"))
+
+
+def check_loader_args(a: dict[str, Any]) -> bool:
+    """Judge ``ThreadedDataLoader``'s arguments as torch's DataLoader does, plus our extras.
+
+    ``a``: the constructor's arguments by name. Combinations torch rejects raise the
+    same exception type (``ValueError``), and values torch accepts (``shuffle=1``,
+    ``pin_memory=1``) are accepted. Every message names the argument, its value and
+    what is allowed. Returns whether the dataset is iterable-style.
+
+    Raises:
+        ValueError / TypeError: the first argument that is not allowed.
+    """
+    dataset = a["dataset"]
+    if dataset is None:
+        raise TypeError("dataset=None must be a map-style dataset (with __getitem__) or an iterable")
+    iterable = _is_iterable_dataset(dataset)
+    if not iterable and not hasattr(dataset, "__getitem__"):
+        raise TypeError(
+            f"dataset={type(dataset).__name__} must be a map-style dataset (with __getitem__) "
+            "or an iterable-style dataset (with __iter__)")
+    nw, pf = a["num_workers"], a["prefetch_factor"]
+    check_int("num_workers", nw, minimum=0, auto=True)
+    if pf is not None:
+        check_int("prefetch_factor", pf, minimum=1, auto=True)
+        if nw == 0 and pf != "auto":
+            raise ValueError(f"prefetch_factor={pf!r} needs num_workers > 0 (got num_workers=0); "
+                             "leave it None to load in the calling thread")
+    if a["persistent_workers"] and nw == 0:
+        raise ValueError("persistent_workers=True needs num_workers > 0 (got num_workers=0)")
+    check_mp_context(a["multiprocessing_context"], nw)
+    check_timeout("timeout", a["timeout"], none=False)
+    check_choice("executor", a["executor"], EXECUTORS)
+    check_choice("on_error", a["on_error"], ERROR_POLICIES)
+    check_int("max_retries", a["max_retries"], minimum=0)
+    check_int("cuda_streams", a["cuda_streams"], minimum=1)
+    check_timeout("stall_timeout", a["stall_timeout"], zero=False)
+    if a["seed"] is not None:
+        check_int("seed", a["seed"], minimum=0)
+    for name in ("debug", "skip_after_retries"):
+        if not isinstance(a[name], bool):
+            raise TypeError(f"{name}={a[name]!r} must be True or False")
+    if not (isinstance(a["distributed"], bool) or a["distributed"] == "auto"):
+        raise ValueError(f"distributed={a['distributed']!r} must be True, False or 'auto'")
+    for name in ("collate_fn", "worker_init_fn"):
+        if a[name] is not None and not callable(a[name]):
+            raise TypeError(f"{name}={a[name]!r} must be callable or None")
+    import torch
+
+    gen = a["generator"]
+    if gen is not None and not isinstance(gen, torch.Generator):
+        raise TypeError(f"generator={gen!r} must be a torch.Generator or None")
+    if a["memory_budget"] != "auto":
+        parse_size(a["memory_budget"], name="memory_budget")
+    _check_batching(a, iterable)
+    return iterable
+
+
+def check_mp_context(ctx: Any, num_workers: int | str) -> None:
+    """``multiprocessing_context`` as torch judges it: a start method's name or a context,
+    and only with workers."""
+    if ctx is None:
+        return
+    if num_workers == 0:
+        raise ValueError(f"multiprocessing_context={ctx!r} needs num_workers > 0 "
+                         "(got num_workers=0)")
+    import multiprocessing
+    import multiprocessing.context
+
+    if isinstance(ctx, str):
+        methods = multiprocessing.get_all_start_methods()
+        if ctx not in methods:
+            raise ValueError(f"multiprocessing_context={ctx!r} must be one of "
+                             f"{', '.join(map(repr, methods))} or a multiprocessing context")
+    elif not isinstance(ctx, multiprocessing.context.BaseContext):
+        raise TypeError(f"multiprocessing_context={ctx!r} must be a start method's name "
+                        "(str) or a multiprocessing context")
+
+
+def _check_batching(a: dict[str, Any], iterable: bool) -> None:
+    bs, shuffle, sampler, batch_sampler, drop_last = (
+        a["batch_size"], a["shuffle"], a["sampler"], a["batch_sampler"], a["drop_last"])
+    if iterable:
+        for name, value in (("shuffle", shuffle), ("sampler", sampler),
+                            ("batch_sampler", batch_sampler)):
+            if value not in (None, False):
+                raise ValueError(f"{name}={value!r} is not allowed with an iterable-style dataset "
+                                 "(it decides its own order)")
+    if sampler is not None and shuffle:
+        raise ValueError(f"shuffle={shuffle!r} must be False or None when a sampler is given "
+                         "(sampler and shuffle are mutually exclusive)")
+    if batch_sampler is not None:
+        if bs != 1 or shuffle or sampler is not None or drop_last:
+            raise ValueError(
+                "batch_sampler is mutually exclusive with batch_size, shuffle, sampler and "
+                f"drop_last (got batch_size={bs!r}, shuffle={shuffle!r}, sampler={sampler!r}, "
+                f"drop_last={drop_last!r})")
+        return
+    if bs is None:
+        if drop_last:
+            raise ValueError(f"drop_last={drop_last!r} needs automatic batching; "
+                             "batch_size=None disables it")
+        return
+    check_int("batch_size", bs, minimum=1, none=True)
+    if not isinstance(drop_last, bool):
+        raise ValueError(f"drop_last={drop_last!r} must be True or False")
+
+
 @dataclass
 class LoaderConfig:
     """The loader's knobs, as plain YAML-friendly values.
@@ -161,6 +274,9 @@ class LoaderConfig:
     def validate(self) -> None:
         check_int("num_workers", self.num_workers, minimum=0, auto=True)
         check_int("prefetch_factor", self.prefetch_factor, minimum=1, auto=True)
+        if self.num_workers == 0 and self.prefetch_factor != "auto":
+            raise ValueError(f"prefetch_factor={self.prefetch_factor!r} needs num_workers > 0 "
+                             "(got num_workers=0); leave it 'auto' to load in the calling thread")
         check_choice("executor", self.executor, EXECUTORS)
         check_choice("on_error", self.on_error, ERROR_POLICIES)
         check_int("max_retries", self.max_retries, minimum=0)

@@ -25,45 +25,52 @@ Guarantees (tested):
 
 from __future__ import annotations
 
-import itertools
+import dataclasses
 import math
 import os
-import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import torch
-from torch.utils.data import IterableDataset
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 from torch.utils.data._utils.collate import default_collate, default_convert
 
-from lightning_threadsafe._fetch import FetchPolicy, load_sample
-from lightning_threadsafe._iterators import BaseIterator, IterableIterator, ThreadIterator
-from lightning_threadsafe._process import ProcessIterator
+from lightning_threadsafe._epoch import (
+    BaseIterator,
+    EpochSpec,
+    LiveSettings,
+    LoaderHooks,
+    WorkerInit,
+    batch_source,
+)
+from lightning_threadsafe._exec_inline import InlineIterator
+from lightning_threadsafe._exec_iterable import IterableIterator
+from lightning_threadsafe._exec_process import ProcessIterator
+from lightning_threadsafe._exec_threads import ThreadIterator
+from lightning_threadsafe._fetch import FetchPolicy
 from lightning_threadsafe.config import (
-    ERROR_POLICIES,
     EXECUTORS,
     check_choice,
     check_int,
-    check_timeout,
-    parse_size,
+    check_loader_args,
+    check_mp_context,
 )
-from lightning_threadsafe.errors import SampleLoadError
 from lightning_threadsafe.manager import ThreadSafetyManager
 from lightning_threadsafe.sampler import BatchPlan, DistributedInfo
-from lightning_threadsafe.telemetry import WorkerStats
 
 __all__ = ["ThreadedDataLoader"]
 
 T = TypeVar("T")
 
 _STATE_VERSION = 1
-# Samples the "auto" probe loads concurrently (at least, or the first batch up to the
-# maximum), plus the few it loads serially only when the concurrent ones are ambiguous.
-_PROBE_CONCURRENT = (8, 32)
-_PROBE_SERIAL = 4
+_PROBE_SERIAL = 4  # samples the online probe loads alone when the concurrent ones are ambiguous
 _PROBE_THREADS = 8  # at most this many provisional threads while the online probe runs
+# torch's DataLoader refuses these once constructed (they shape the epoch's plan).
+_NO_HOOKS = LoaderHooks(None)  # batches loaded outside an epoch tell the loader nothing
+_FROZEN = frozenset(("batch_size", "batch_sampler", "sampler", "drop_last", "dataset",
+                     "persistent_workers"))
 
 
 def _usable_cpus() -> int:
@@ -74,39 +81,85 @@ def _usable_cpus() -> int:
 
 
 def _draw_seed(generator: torch.Generator | None = None) -> int:
+    """torch's base-seed draw at ``iter()`` (one int64 from ``generator`` or the global RNG)."""
     return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item()) & (
         (1 << 63) - 1
     )
 
 
-class _EpochSampler:
-    """``loader.sampler``: the index order of the current epoch, with ``set_epoch``.
+def _static_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """"auto" settings decided by rule, when there is no pool to probe in: one worker
+    per core, torch's prefetch of 2 per worker, threads unless processes were asked for."""
+    nw = values["num_workers"]
+    return {"executor": "thread" if values["executor"] == "auto" else values["executor"],
+            "num_workers": _usable_cpus() if nw == "auto" else nw, "prefetch": 2,
+            "evidence": {"reason": "settings needed before loading: one worker per core, "
+                                   "2 batches in flight per worker"}}
 
-    Lightning calls ``loader.sampler.set_epoch(epoch)`` at each epoch start; this
-    forwards it to the loader so its shuffles follow the trainer's epoch counter.
-    """
 
-    def __init__(self, loader: ThreadedDataLoader[Any]) -> None:
-        self._loader = weakref.ref(loader)
+def _resolve_device(device: str | torch.device | None) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device={device!r} must be a torch device such as 'cuda:0', 'cpu' or None"
+        ) from None
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
+        # Resolve now, in the constructing thread (the rank's own device under
+        # DDP), not later in whichever worker thread first touches CUDA.
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+class _EpochHook:
+    """Lightning calls ``loader.sampler.set_epoch(epoch)`` at each epoch start; the
+    loader's default samplers forward it (weakly) so shuffles follow the trainer."""
+
+    _loader: Callable[[], Any]
 
     def set_epoch(self, epoch: int) -> None:
         loader = self._loader()
         if loader is not None:
             loader.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[Any]:
-        loader = self._loader()
-        if loader is None:
-            return iter(())
-        plan = loader._plan
-        return (i for batch in plan.batches(loader._next_epoch) for i in batch)
 
-    def __len__(self) -> int:
-        loader = self._loader()
-        if loader is None:
-            return 0
-        src = loader._plan.user_sampler if loader._plan.user_sampler is not None else loader.dataset
-        return len(src)
+class _SequentialSampler(_EpochHook, SequentialSampler):
+    pass
+
+
+class _RandomSampler(_EpochHook, RandomSampler):
+    pass
+
+
+class _InfiniteConstantSampler(torch.utils.data.Sampler):  # type: ignore[type-arg]
+    """What torch's DataLoader reports as the sampler of an iterable-style dataset."""
+
+    def __iter__(self) -> Iterator[None]:
+        while True:
+            yield None
+
+
+def _torch_samplers(loader: Any, dataset: Any, iterable: bool, shuffle: Any, sampler: Any,
+                    batch_sampler: Any, batch_size: int | None, drop_last: bool,
+                    generator: torch.Generator | None) -> tuple[Any, Any]:
+    """``loader.sampler`` and ``loader.batch_sampler`` as torch's DataLoader builds them.
+
+    They describe the epoch's order (the batch plan draws its own per epoch, seeded
+    as described in :mod:`~lightning_threadsafe.sampler`); the default ones forward
+    ``set_epoch`` to the loader.
+    """
+    if sampler is None:
+        if iterable:
+            sampler = _InfiniteConstantSampler()
+        else:
+            sampler = _RandomSampler(dataset, generator=generator) if shuffle \
+                else _SequentialSampler(dataset)
+            sampler._loader = weakref.ref(loader)
+    if batch_size is not None and batch_sampler is None:
+        batch_sampler = BatchSampler(sampler, batch_size, drop_last)
+    return sampler, batch_sampler
 
 
 class ThreadedDataLoader(Generic[T]):
@@ -184,105 +237,23 @@ class ThreadedDataLoader(Generic[T]):
         debug: bool = False,
         distributed: bool | str = "auto",
     ) -> None:
-        # ---- validation: every message names the argument, its value and what is allowed
-        if dataset is None:
-            raise TypeError("dataset=None must be a map-style dataset (with __getitem__) or an iterable")
-        iterable = isinstance(dataset, IterableDataset) or (
-            not hasattr(dataset, "__getitem__") and hasattr(dataset, "__iter__")
-        )
-        if not iterable and not hasattr(dataset, "__getitem__"):
-            raise TypeError(
-                f"dataset={type(dataset).__name__} must be a map-style dataset (with __getitem__) "
-                "or an iterable-style dataset (with __iter__)"
-            )
-        if batch_size is not None:
-            check_int("batch_size", batch_size, minimum=1, none=True)
-        check_int("num_workers", num_workers, minimum=0, auto=True)
-        if prefetch_factor is not None:
-            check_int("prefetch_factor", prefetch_factor, minimum=1, auto=True)
-        check_choice("executor", executor, EXECUTORS)
-        check_choice("on_error", on_error, ERROR_POLICIES)
-        check_int("max_retries", max_retries, minimum=0)
-        check_int("cuda_streams", cuda_streams, minimum=1)
-        check_timeout("timeout", timeout, none=False)
-        check_timeout("stall_timeout", stall_timeout, zero=False)
-        if seed is not None:
-            check_int("seed", seed, minimum=0)
-        for name, flag in (("pin_memory", pin_memory), ("drop_last", drop_last),
-                           ("in_order", in_order), ("persistent_workers", persistent_workers),
-                           ("debug", debug), ("skip_after_retries", skip_after_retries)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name}={flag!r} must be True or False")
-        if shuffle is not None and not isinstance(shuffle, bool):
-            raise TypeError(f"shuffle={shuffle!r} must be True, False or None")
-        if not (isinstance(distributed, bool) or distributed == "auto"):
-            raise ValueError(f"distributed={distributed!r} must be True, False or 'auto'")
-        if collate_fn is not None and not callable(collate_fn):
-            raise TypeError(f"collate_fn={collate_fn!r} must be callable or None")
-        if worker_init_fn is not None and not callable(worker_init_fn):
-            raise TypeError(f"worker_init_fn={worker_init_fn!r} must be callable or None")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator={generator!r} must be a torch.Generator or None")
-        if persistent_workers and num_workers == 0:
-            raise ValueError("persistent_workers=True needs num_workers > 0 (got num_workers=0)")
-        if iterable:
-            if shuffle:
-                raise ValueError(
-                    f"shuffle={shuffle!r} is not allowed with an iterable-style dataset; "
-                    "shuffle inside the dataset"
-                )
-            if sampler is not None:
-                raise ValueError(f"sampler={sampler!r} is not allowed with an iterable-style dataset")
-            if batch_sampler is not None:
-                raise ValueError(
-                    f"batch_sampler={batch_sampler!r} is not allowed with an iterable-style dataset"
-                )
-        if sampler is not None and shuffle:
-            raise ValueError(
-                f"shuffle={shuffle!r} must be False or None when a sampler is given "
-                "(sampler and shuffle are mutually exclusive)"
-            )
+        iterable = check_loader_args(dict(locals()))
+        dev = _resolve_device(device)
         if batch_sampler is not None:
-            if batch_size != 1 or shuffle or sampler is not None or drop_last:
-                raise ValueError(
-                    "batch_sampler is mutually exclusive with batch_size, shuffle, sampler and "
-                    f"drop_last (got batch_size={batch_size!r}, shuffle={shuffle!r}, "
-                    f"sampler={sampler!r}, drop_last={drop_last!r})"
-                )
-            batch_size = None
-        elif batch_size is None and drop_last:
-            raise ValueError(
-                "drop_last=True needs automatic batching; batch_size=None disables it"
-            )
-        if memory_budget != "auto":
-            parse_size(memory_budget, name="memory_budget")
-        dev = None
-        if device is not None:
-            try:
-                dev = torch.device(device)
-            except (RuntimeError, TypeError):
-                raise ValueError(
-                    f"device={device!r} must be a torch device such as 'cuda:0', 'cpu' or None"
-                ) from None
-            if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
-                # Resolve now, in the constructing thread (the rank's own device under
-                # DDP), not later in whichever worker thread first touches CUDA.
-                dev = torch.device("cuda", torch.cuda.current_device())
+            batch_size, drop_last = None, False
 
-        # ---- public attributes (torch names)
+        # ---- public attributes (torch names and values)
         self.dataset = dataset
-        self.batch_size = batch_size if batch_sampler is None else None
+        self.batch_size = batch_size
         self.drop_last = drop_last
-        self.num_workers = num_workers
-        self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
         self.pin_memory_device = pin_memory_device
-        self.timeout = float(timeout)
+        self.timeout = timeout
         self.worker_init_fn = worker_init_fn
         self.multiprocessing_context = multiprocessing_context
         self.generator = generator
         self.persistent_workers = persistent_workers
-        self.in_order = in_order
+        self.in_order = bool(in_order)
         self.executor = executor
         self.memory_budget = memory_budget
         self.on_error = on_error
@@ -297,21 +268,22 @@ class ThreadedDataLoader(Generic[T]):
         if collate_fn is None:
             collate_fn = default_collate if self._auto_collation else default_convert
         self.collate_fn = collate_fn
-        self.batch_sampler = batch_sampler
+        self.sampler, self.batch_sampler = _torch_samplers(
+            self, dataset, iterable, shuffle, sampler, batch_sampler, batch_size, drop_last,
+            generator)
 
-        self.seed = int(seed) if seed is not None else _draw_seed()
-        self._policy = FetchPolicy(
-            seed=self.seed, on_error=on_error, max_retries=max_retries,
-            skip_after_retries=skip_after_retries,
-        )
+        # ---- seeds: an explicit seed fixes shuffles and sample_rng() for every epoch;
+        # without one, each iter() draws them from torch's global RNG (or `generator`),
+        # in torch's order, so torch.manual_seed(s) before an epoch reproduces it.
+        self._user_seed = int(seed) if seed is not None else None
+        self.seed: int | None = self._user_seed  # the seed of the latest epoch
+        self._skip_after_retries = skip_after_retries
         self._plan = BatchPlan(
-            dataset, batch_size=self.batch_size, shuffle=bool(shuffle), sampler=sampler,
-            batch_sampler=batch_sampler, drop_last=drop_last, generator=generator, seed=self.seed,
+            dataset, batch_size=batch_size, shuffle=bool(shuffle), sampler=sampler,
+            batch_sampler=batch_sampler, drop_last=drop_last, generator=generator,
+            seed=self._user_seed,
         )
-        self._user_sampler = sampler
-        self.sampler: Any = sampler if sampler is not None else _EpochSampler(self)
-
-        self._pin = pin_memory and torch.cuda.is_available()
+        self._pin = bool(pin_memory) and torch.cuda.is_available()
         if pin_memory and not self._pin:
             warnings.warn(
                 "pin_memory=True but no CUDA device is available: batches are not pinned",
@@ -322,28 +294,74 @@ class ThreadedDataLoader(Generic[T]):
         )
         self._manager.register_resources(dataset)
         self._stager: Any = None  # CudaStreamScheduler, created on first use
+        self._worker_init = WorkerInit(worker_init_fn, persistent=bool(persistent_workers))
 
-        # ---- tunable settings: resolved on first iteration when "auto"
-        self._settings: dict[str, Any] = {
-            "num_workers": num_workers,
-            "prefetch_factor": prefetch_factor if prefetch_factor is not None else 2,
-            "executor": executor,
-        }
-        self._probe: dict[str, Any] | None = None
+        # ---- tunable settings: resolved by the online probe when "auto"
+        if prefetch_factor is None and num_workers != 0:
+            prefetch_factor = 2  # torch's default with workers
+        self._live = LiveSettings(num_workers, prefetch_factor, executor)
+        self._settings = self._live.values
         self._tuner: Any = None
         self._detector: Any = None
         self._decisions: list[dict[str, Any]] = []
         self._window_start = None
 
-        # ---- epoch and resume bookkeeping (consumer thread)
+        # ---- epochs (consumer thread). The loader holds its iterators weakly; each
+        # iterator holds its epoch strongly (ownership: see _epoch.py).
         self._next_epoch = 0
         self._resume: dict[str, Any] | None = None
-        self._current: weakref.ReferenceType[BaseIterator] | None = None
+        self._iterators: weakref.WeakSet[BaseIterator[Any]] = weakref.WeakSet()
+        self._current: weakref.ReferenceType[BaseIterator[Any]] | None = None
         self._consumed_fn: Callable[[], int | None] | None = None
+        self._iterable_len_called: int | None = None  # len(loader) of an iterable dataset
+        self.__dict__["_initialized"] = True
+
+    # ------------------------------------------------------------------ torch attributes
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FROZEN and self.__dict__.get("_initialized", False):
+            raise ValueError(f"{name} attribute should not be set after "
+                             f"{type(self).__name__} is initialized")
+        if name == "multiprocessing_context" and self.__dict__.get("_initialized", False):
+            check_mp_context(value, self.num_workers)
+        super().__setattr__(name, value)
+
+    @property
+    def num_workers(self) -> int | str:
+        """Worker threads (or processes with ``executor="process"``); tuned values show here.
+
+        Setting it takes effect at the next ``iter()``, as with torch.
+        """
+        return self._live.values["num_workers"]  # type: ignore[no-any-return]
+
+    @num_workers.setter
+    def num_workers(self, value: int | str) -> None:
+        check_int("num_workers", value, minimum=0, auto=True)
+        self._live.values["num_workers"] = value
+
+    @property
+    def prefetch_factor(self) -> int | str | None:
+        """Batches in flight per worker, as given (``None`` without workers, 2 by default
+        with workers, as with torch); tuned values show here."""
+        value = self._live.values["prefetch_factor"]
+        return None if value is None else value  # type: ignore[no-any-return]
+
+    @prefetch_factor.setter
+    def prefetch_factor(self, value: int | str | None) -> None:
+        if value is not None:
+            check_int("prefetch_factor", value, minimum=1, auto=True)
+        self._live.values["prefetch_factor"] = value
 
     # ------------------------------------------------------------------ basics
 
     def __len__(self) -> int:
+        length = self._batches_in_epoch()
+        if self._iterable:
+            # torch warns when an iterable dataset yields more than the length it reported.
+            self._iterable_len_called = length
+        return length
+
+    def _batches_in_epoch(self) -> int:
         if self._iterable:
             length = len(self.dataset)  # type: ignore[arg-type]
             if self.batch_size is None:
@@ -364,6 +382,10 @@ class ThreadedDataLoader(Generic[T]):
         """Current (resolved or tuned) ``num_workers``, ``prefetch_factor`` and ``executor``."""
         return dict(self._settings)
 
+    @property
+    def _probe(self) -> dict[str, Any] | None:
+        return self._live.probe
+
     def _distributed_info(self) -> DistributedInfo:
         if self.distributed is False:
             return DistributedInfo()
@@ -380,64 +402,128 @@ class ThreadedDataLoader(Generic[T]):
             )
         return self._stager
 
+    def _policy(self, seed: int) -> FetchPolicy:
+        return FetchPolicy(seed=seed, on_error=self.on_error, max_retries=self.max_retries,
+                           skip_after_retries=self._skip_after_retries)
+
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[T]:
-        current = self._current() if self._current is not None else None
-        if current is not None:
-            current.close()  # like torch: a new iteration replaces the old one
-        # The epoch (and a pending resume) is only used up once this iterator delivers
-        # or finishes (_epoch_started): Lightning calls iter() to probe a loader and
-        # creates the first epoch's iterator before set_epoch(0); neither may skip an epoch.
-        epoch = self._next_epoch
+        """A new, independent iterator over one epoch (earlier ones keep theirs, as in torch).
+
+        The epoch (and a pending resume) is only used up once this iterator delivers
+        or finishes (``_epoch_started``): Lightning calls ``iter()`` to probe a loader
+        and creates the first epoch's iterator before ``set_epoch(0)``; neither may
+        skip an epoch.
+        """
         resume = self._resume
-        if resume is not None:
-            epoch = int(resume["epoch"])
+        epoch = int(resume["epoch"]) if resume is not None else self._next_epoch
         self._plan.distributed = self._distributed_info()
         if resume is not None and resume.get("generator_state") is not None:
             self._plan.set_generator_state(resume["generator_state"])
         generator_state = self._plan.generator_state()
-        if self.generator is not None:
-            _draw_seed(self.generator)  # torch draws a base seed from the generator per iterator
+        seed, shuffle_seed = self._epoch_seeds(resume)
+        self.seed = seed
         skip = set(resume["delivered"]) if resume is not None else set()
-        source = self._source(epoch, skip)
-        prefilled: dict[tuple[int, int], Any] = {}
-        online = None
-        if self._needs_probe():
-            online = self._online_probe()
-            if online is None and self._needs_probe():
-                source, prefilled = self._probe_first_batches(source, epoch)
-        executor = self._settings["executor"]
-        it: BaseIterator
+        if self._iterable and self._live.needs_probe():
+            # One producer whatever the data: nothing to size, no executor to choose.
+            static = _static_settings(self._live.values)
+            if self._live.values["num_workers"] == "auto":
+                static["num_workers"] = 1
+            self._live.apply_probe(static)
+        spec = self._spec(epoch, seed)
+        it: BaseIterator[Any]
         if self._iterable:
-            it = IterableIterator(self, epoch, resume)
-        elif executor == "process" and int(self._settings["num_workers"]) > 0:
-            it = ProcessIterator(self, epoch, source, sorted(skip), generator_state)
+            it = IterableIterator(spec, resume)
         else:
-            it = ThreadIterator(self, epoch, source, sorted(skip), generator_state,
-                                prefilled=prefilled, probe=online)
+            source = batch_source(self._plan, epoch, skip, shuffle_seed)
+            it = self._executor_for(spec, source, sorted(skip), generator_state)
+        it.shuffle_seed = shuffle_seed  # type: ignore[attr-defined]
+        self._iterators.add(it)
         self._current = weakref.ref(it)
-        return it
+        return it  # type: ignore[return-value]
+
+    def _epoch_seeds(self, resume: dict[str, Any] | None) -> tuple[int, int | None]:
+        """This epoch's sample seed and, for a default shuffle without a seed, its order seed.
+
+        torch's DataLoader draws a base seed at ``iter()`` (from ``generator`` if given,
+        else the global RNG), then its ``RandomSampler`` draws the shuffle seed from the
+        global RNG; the same draws, in the same order, happen here, and both are saved in
+        ``state_dict()`` for an exact resume.
+        """
+        drawn = _draw_seed(self.generator)  # drawn on resume too: a user generator's
+        # sequence must be where torch's would be
+        if resume is not None and resume.get("seed") is not None:
+            seed = int(resume["seed"])
+            shuffle_seed = resume.get("shuffle_seed")
+            if shuffle_seed is None and self._user_seed is None and self._plan.default_shuffle():
+                shuffle_seed = seed  # a checkpoint without an order seed: deterministic still
+            return seed, shuffle_seed
+        seed = self._user_seed if self._user_seed is not None else drawn
+        shuffle_seed = None
+        if self._user_seed is None and self._plan.default_shuffle():
+            shuffle_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        return seed, shuffle_seed
+        drawn = _draw_seed(self.generator)
+        seed = self._user_seed if self._user_seed is not None else drawn
+        shuffle_seed = None
+        if self._user_seed is None and self._plan.default_shuffle():
+            shuffle_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        return seed, shuffle_seed
+
+    def _spec(self, epoch: int, seed: int) -> EpochSpec:
+        live = self._live.values
+        nw = live["num_workers"]
+        try:
+            length: int | None = self._batches_in_epoch()
+        except TypeError:
+            length = None
+        return EpochSpec(
+            dataset=self.dataset, epoch=epoch, collate_fn=self.collate_fn,
+            auto_collation=self._auto_collation, batch_size=self.batch_size,
+            drop_last=self.drop_last, policy=self._policy(seed), plan=self._plan,
+            in_order=self.in_order, timeout=float(self.timeout), pin=self._pin,
+            stager=self._stager_for_use(), services=self._manager, settings=self._live,
+            num_workers=0 if nw == 0 else (int(nw) if nw != "auto" else -1),
+            executor=str(live["executor"]), worker_init=self._worker_init,
+            multiprocessing_context=self.multiprocessing_context,
+            stall_timeout=self.stall_timeout, hooks=LoaderHooks(self), length=length,
+            reported_length=self._iterable_len_called,
+        )
+
+    def _executor_for(self, spec: EpochSpec, source: Iterator[tuple[int, list[Any]]],
+                      resumed: list[int], generator_state: list[int] | None) -> BaseIterator[Any]:
+        """The epoch's executor: inline, threads (with the online probe for "auto") or processes."""
+        online = self._online_probe() if self._live.needs_probe() else None
+        values = self._live.values
+        if online is None and self._live.needs_probe():
+            self._live.apply_probe(_static_settings(values))
+        if online is not None:
+            return ThreadIterator(spec, source, resumed, generator_state, probe=online)
+        spec = dataclasses.replace(spec, num_workers=int(values["num_workers"]),
+                                   executor=str(values["executor"]))
+        if spec.num_workers == 0:
+            if spec.timeout > 0 and self._live.probe is None and not self._decisions:
+                # As torch (a bare AssertionError at iter()), in one line. Loading inline
+                # because "auto" or the tuner chose it just cannot time out.
+                raise ValueError(f"timeout={self.timeout!r} needs num_workers > 0 (got "
+                                 "num_workers=0): loading in the calling thread cannot time out")
+            return InlineIterator(spec, source, resumed, generator_state)
+        if spec.executor == "process":
+            return ProcessIterator(spec, source, resumed, generator_state)
+        return ThreadIterator(spec, source, resumed, generator_state)
 
     def _online_probe(self) -> Any:
-        """An :class:`~lightning_threadsafe.autotune.OnlineProbe` when "auto" can be
-        resolved inside a running thread pool (map-style data, threads possible).
-        ``None`` when settings are needed before loading starts (explicit processes,
-        ``num_workers=0``): the synchronous probe runs then (iterable datasets get
-        default settings from it: a single producer has nothing to size); or when
-        only ``prefetch_factor`` is "auto" (resolved here to 2 per worker)."""
-        s = self._settings
-        if self._iterable or s["executor"] == "process" or s["num_workers"] == 0:
+        """An :class:`~lightning_threadsafe.tuning.OnlineProbe` when "auto" is resolved
+        inside a running thread pool (map-style data, threads possible); ``None`` when
+        the settings follow from rules instead (explicit processes or ``num_workers=0``:
+        one worker per core; only ``prefetch_factor`` "auto": 2 per worker)."""
+        s = self._live.values
+        if s["executor"] == "process" or s["num_workers"] == 0:
             return None
         if s["num_workers"] != "auto" and s["executor"] != "auto":
-            # Only prefetch_factor is "auto": nothing to measure (the probe's answer is
-            # torch's default whatever the samples), and no reason to shrink the pool.
-            self._apply_probe({"executor": s["executor"], "num_workers": s["num_workers"],
-                               "prefetch": 2, "evidence": {
-                                   "reason": "prefetch_factor='auto' with fixed workers and "
-                                             "executor: 2 per worker (torch's default)"}})
             return None
-        from lightning_threadsafe.autotune import OnlineProbe
+        from lightning_threadsafe.tuning import OnlineProbe
 
         cpus = _usable_cpus()
         nw = s["num_workers"]
@@ -450,118 +536,30 @@ class ThreadedDataLoader(Generic[T]):
         if self._next_epoch <= epoch:  # keep a later epoch set by set_epoch() meanwhile
             self._next_epoch = epoch + 1
 
-    def _source(self, epoch: int, skip: set[int]) -> Iterator[tuple[int, list[Any]]]:
-        for ordinal, indices in enumerate(self._plan.batches(epoch)):
-            if ordinal not in skip:
-                yield ordinal, indices
-
-    def _needs_probe(self) -> bool:
-        s = self._settings
-        return "auto" in (s["num_workers"], s["prefetch_factor"], s["executor"])
-
-    def _apply_probe(self, result: dict[str, Any]) -> None:
-        s = self._settings
-        self._probe = result
-        if s["executor"] == "auto":
-            s["executor"] = result["executor"]
-        if s["num_workers"] == "auto":
-            s["num_workers"] = int(result["num_workers"])
-        if s["prefetch_factor"] == "auto":
-            s["prefetch_factor"] = int(result["prefetch"])
+    def _latest(self) -> BaseIterator[Any] | None:
+        return self._current() if self._current is not None else None
 
     def _resolve_auto(self) -> None:
-        """Resolve "auto" settings outside an epoch (probing the first few indices)."""
-        if not self._needs_probe():
-            return
-        n = len(self.dataset) if hasattr(self.dataset, "__len__") and not self._iterable else 0
-        count = _PROBE_CONCURRENT[0] + _PROBE_SERIAL
-        source = iter([(0, list(range(min(n, count))))] if n else [])
-        self._probe_first_batches(source, epoch=0)
-
-    def _probe_first_batches(
-        self, source: Iterator[tuple[int, list[Any]]], epoch: int
-    ) -> tuple[Iterator[tuple[int, list[Any]]], dict[tuple[int, int], Any]]:
-        """Resolve "auto" by probing the epoch's first samples, and keep what was loaded.
-
-        The probe (:func:`~lightning_threadsafe.autotune.probe`) loads the epoch's
-        first batch (at least 8 samples, at most 32) on up to one thread per core, and
-        4 more serially only when the concurrent phase cannot tell a GIL-bound
-        dataset from a waiting one. It loads under the real sample context, so
-        the values are exactly what the workers would produce: they are returned
-        as ``{(ordinal, position): sample}`` and the first batch is ready when
-        the probe ends -- in the common case the probe costs the time to first
-        batch nothing. A failing sample ends the probe (default settings apply)
-        and is loaded again by the workers under the error policy.
-        """
-        from lightning_threadsafe.autotune import probe
-
-        head: list[tuple[int, list[Any]]] = []
-        slots: list[tuple[int, int, Any]] = []
-        target = None
-        if not self._iterable:
-            for ordinal, indices in source:
-                head.append((ordinal, indices))
-                slots.extend((ordinal, pos, i) for pos, i in enumerate(indices))
-                if target is None:  # the first batch, within the bounds
-                    low, high = _PROBE_CONCURRENT
-                    target = max(low, min(len(indices), high)) + _PROBE_SERIAL
-                if len(slots) >= target:
-                    break
-        slots = slots[:target]
-        rest = itertools.chain(head, source)
-        loaded: dict[tuple[int, int], Any] = {}
-        if len(slots) < 4:
-            self._apply_probe({"executor": "thread", "num_workers": _usable_cpus(), "prefetch": 2,
-                               "evidence": {"reason": "too few samples to probe"}})
-            return rest, loaded
-        strict = FetchPolicy(seed=self.seed, on_error="raise", max_retries=0)
-        telemetry = self._manager.telemetry
-        # One WorkerStats per probe thread (stats are single-writer); lock guards
-        # `loaded` and `registered` (the probe loads on several threads).
-        lock = threading.Lock()
-        per_thread = threading.local()
-        registered: list[WorkerStats] = []
-
-        def load(k: int) -> None:
-            stats = getattr(per_thread, "stats", None)
-            if stats is None:
-                stats = per_thread.stats = telemetry.register(threading.current_thread().name)
-                with lock:
-                    registered.append(stats)
-            ordinal, pos, index = slots[k]
-            value = load_sample(self.dataset, index, epoch=epoch, policy=strict, stats=stats)
-            with lock:
-                loaded[(ordinal, pos)] = value
-
-        serial = min(_PROBE_SERIAL, len(slots) // 3)
-        try:
-            result = probe(load, range(len(slots)), cpu_count=_usable_cpus(),
-                           serial=serial).to_dict()
-        except SampleLoadError as exc:
-            result = {"executor": "thread", "num_workers": _usable_cpus(), "prefetch": 2,
-                      "evidence": {"reason": f"probe stopped by a failing sample: {exc}"}}
-        finally:
-            with lock:
-                done = list(registered)
-            for stats in done:
-                telemetry.retire(stats)
-        self._apply_probe(result)
-        if self._settings["executor"] == "process":
-            loaded = {}  # torch's workers load everything themselves
-        return rest, loaded
+        """Resolve "auto" settings outside an epoch, by the rules (nothing loaded yet)."""
+        if self._live.needs_probe():
+            self._live.apply_probe(_static_settings(self._live.values))
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         """Position in the epoch and settings, as plain data (``torch.load(weights_only=True)``-safe).
 
-        Keys: ``version``, ``epoch``, ``seed``, ``delivered`` (ordinals of the batches
-        already consumed this epoch), ``batches_in_epoch``, ``generator_state``,
-        ``settings`` (the tuned knobs), ``tuner``.
+        Keys: ``version``, ``epoch``, ``seed`` (the epoch's sample seed), ``shuffle_seed``
+        (its order seed when drawn from the global RNG), ``delivered`` (ordinals of the
+        batches already consumed this epoch), ``batches_in_epoch``, ``generator_state``,
+        ``settings`` (the tuned knobs), ``tuner``. With several live iterators, the
+        position is the latest one's.
         """
-        it = self._current() if self._current is not None else None
+        it = self._latest()
         if it is not None and not it.finished_cleanly:
             state = it.position()
+            state["seed"] = it.spec.policy.seed
+            state["shuffle_seed"] = getattr(it, "shuffle_seed", None)
             consumed = self._consumed_fn() if self._consumed_fn is not None else None
             if consumed is not None and 0 <= consumed < len(state["delivered"]):
                 # The consumer fetched ahead (Lightning prefetches one batch): batches it
@@ -571,18 +569,20 @@ class ThreadedDataLoader(Generic[T]):
                 # Every batch of the epoch was consumed: the position is the start of the
                 # next epoch (Lightning resumes straight into it with this iterator).
                 state = {"epoch": state["epoch"] + 1, "delivered": [],
-                         "generator_state": self._plan.generator_state()}
+                         "generator_state": self._plan.generator_state(),
+                         "seed": self._user_seed, "shuffle_seed": None}
         elif self._resume is not None:
-            state = {k: self._resume[k] for k in ("epoch", "delivered", "generator_state")}
+            state = {k: self._resume.get(k) for k in
+                     ("epoch", "delivered", "generator_state", "seed", "shuffle_seed")}
         else:
             # Between epochs: the next iteration starts epoch _next_epoch from scratch.
             state = {"epoch": self._next_epoch, "delivered": [],
-                     "generator_state": self._plan.generator_state()}
+                     "generator_state": self._plan.generator_state(),
+                     "seed": self._user_seed, "shuffle_seed": None}
         return {
             "version": _STATE_VERSION,
-            "seed": self.seed,
             **state,
-            "settings": {k: v for k, v in self._settings.items()},
+            "settings": dict(self._settings),
             "tuner": self._tuner.state_dict() if self._tuner is not None else None,
         }
 
@@ -613,13 +613,6 @@ class ThreadedDataLoader(Generic[T]):
             )
         if state.get("version", _STATE_VERSION) > _STATE_VERSION:
             raise ValueError(f"state version={state['version']!r} is newer than this library's")
-        if int(state["seed"]) != self.seed:
-            self.seed = int(state["seed"])
-            self._policy = FetchPolicy(
-                seed=self.seed, on_error=self._policy.on_error, max_retries=self._policy.max_retries,
-                skip_after_retries=self._policy.skip_after_retries,
-            )
-            self._plan.seed = self.seed
         settings = state.get("settings") or {}
         for k in ("num_workers", "prefetch_factor", "executor"):
             if k in settings and settings[k] != "auto":
@@ -627,10 +620,16 @@ class ThreadedDataLoader(Generic[T]):
         if state.get("tuner") is not None:
             self._ensure_tuner()
             self._tuner.load_state_dict(state["tuner"])
+        seed = state.get("seed")
+        if seed is not None and self._user_seed is not None and int(seed) != self._user_seed:
+            self._user_seed = int(seed)  # the checkpoint's seed rules its own epochs
+            self._plan.seed = self._user_seed
         self._resume = {
             "epoch": int(state["epoch"]),
             "delivered": [int(o) for o in state["delivered"]],
             "generator_state": state.get("generator_state"),
+            "seed": int(seed) if seed is not None else None,
+            "shuffle_seed": state.get("shuffle_seed"),
         }
         self._next_epoch = int(state["epoch"])
 
@@ -645,8 +644,10 @@ class ThreadedDataLoader(Generic[T]):
             if not b:
                 raise ValueError("batches_of_indices must not contain an empty batch")
         self._resolve_auto()
-        source = iter(enumerate(batches))
-        it = ThreadIterator(self, self._next_epoch, source, [], None, in_order=True)
+        seed = self._user_seed if self._user_seed is not None else _draw_seed(self.generator)
+        spec = dataclasses.replace(self._spec(self._next_epoch, seed), in_order=True,
+                                   hooks=_NO_HOOKS, length=len(batches))
+        it = self._executor_for(spec, iter(enumerate(batches)), [], None)
         try:
             return list(it)
         finally:
@@ -678,8 +679,8 @@ class ThreadedDataLoader(Generic[T]):
 
     def _ensure_tuner(self) -> None:
         if self._tuner is None:
-            from lightning_threadsafe.autotune import HillClimbTuner
             from lightning_threadsafe.bottleneck import BottleneckDetector
+            from lightning_threadsafe.tuning import HillClimbTuner
 
             self._tuner = HillClimbTuner(cpu_count=_usable_cpus())
             self._detector = BottleneckDetector(cpu_count=_usable_cpus())
@@ -696,8 +697,8 @@ class ThreadedDataLoader(Generic[T]):
         """
         self._resolve_auto()
         self._ensure_tuner()
-        from lightning_threadsafe.autotune import Decision, Settings
         from lightning_threadsafe.bottleneck import Bottleneck
+        from lightning_threadsafe.tuning import Decision, Settings
 
         snap = self._manager.snapshot(**self._gauges())
         start = self._window_start if self._window_start is not None else self._manager._created
@@ -708,7 +709,7 @@ class ThreadedDataLoader(Generic[T]):
         verdict = self._detector.compute()
         current = Settings(
             num_workers=int(self._settings["num_workers"]),
-            prefetch=int(self._settings["prefetch_factor"]),
+            prefetch=self._live.prefetch(),
             executor=str(self._settings["executor"]),
         )
         if current.num_workers == 0 and verdict.code != Bottleneck.IO:
@@ -756,23 +757,12 @@ class ThreadedDataLoader(Generic[T]):
             if k in s:
                 self._settings[k] = s[k]
 
-    def _depth(self, workers: int | None = None) -> int:
-        """Batches admitted ahead (prefetch x workers, within the memory budget).
-
-        ``workers``: the live pool size while the online probe runs (settings may
-        still say "auto"; an unresolved prefetch counts as torch's default 2).
-        """
-        nw = self._settings["num_workers"] if workers is None else workers
-        pf = self._settings["prefetch_factor"]
-        if nw == "auto" or (pf == "auto" and workers is None):
-            return 0
-        pf = 2 if pf == "auto" else pf
-        depth = max(1, int(pf) * max(1, int(nw)))
-        gov = self._manager.governor
-        return gov.effective_prefetch(depth) if gov is not None else depth
+    def _depth(self) -> int:
+        """Batches admitted ahead (prefetch x workers, within the memory budget)."""
+        return self._live.depth(self._manager.governor)
 
     def _gauges(self) -> dict[str, int]:
-        it = self._current() if self._current is not None else None
+        it = self._latest()
         nw = self._settings["num_workers"]
         # "threads" is the configured count the current/last epoch ran with, so a
         # window measured after the epoch ended still says how it was loaded.
@@ -787,8 +777,7 @@ class ThreadedDataLoader(Generic[T]):
 
         The loader stays usable: the next iteration starts fresh threads.
         """
-        it = self._current() if self._current is not None else None
-        if it is not None:
+        for it in list(self._iterators):
             it.close()
         self._manager.close()
         if self._stager is not None:
@@ -813,8 +802,3 @@ class ThreadedDataLoader(Generic[T]):
             f"num_workers={self._settings['num_workers']}, executor={self._settings['executor']!r}, "
             f"prefetch_factor={self._settings['prefetch_factor']}, in_order={self.in_order})"
         )
-
-
-# ====================================================================== iterators
-
-

@@ -303,7 +303,7 @@ class MemoryGovernor:
 
         # _lock guards every attribute below. Held by add/release/observe (worker
         # threads), admit/effective_prefetch (consumer) and stats (any thread),
-        # only for O(1) bookkeeping; never held while calling a reader or clock.
+        # only for O(1) bookkeeping; never held while calling a reader, clock or callback.
         # Invariants under the lock:
         #   _bytes_in_flight == sum(add) - sum(release) >= 0, likewise for device;
         #   _peak >= _bytes_in_flight;
@@ -313,8 +313,13 @@ class MemoryGovernor:
         self._lock = threading.Lock()
         # Same lock: workers finishing a batch that would push the buffer past the budget
         # wait here (wait_for_room) until release() makes room or their batch becomes the
-        # one the consumer needs next; release() notifies.
+        # one the consumer needs next; release() and wake_waiters() (the consumer, when
+        # the needed batch changes or the loader stops) notify. No callback ever runs
+        # under this lock, so it is a leaf: nothing is acquired while holding it.
         self._room = threading.Condition(self._lock)
+        # Counts release()/wake_waiters() calls (under _lock): a waiter that read it before
+        # calling required() does not wait when it changed since, so no wake-up is lost.
+        self._changes = 0
         self._bytes_in_flight = 0
         self._peak = 0
         self._device_bytes_in_flight = 0
@@ -427,6 +432,7 @@ class MemoryGovernor:
                     f"nbytes={n!r} released but only {self._bytes_in_flight} bytes are in flight"
                 )
             self._bytes_in_flight -= n
+            self._changes += 1
             self._room.notify_all()
 
     def wait_for_room(self, nbytes: int, *, required: Callable[[], bool],
@@ -437,17 +443,45 @@ class MemoryGovernor:
         admitted at the old size would land in the buffer past the budget. The worker
         that finished such a batch waits here instead. It never deadlocks: the batch the
         consumer needs next is ``required()`` and passes at once, and workers always
-        load the oldest unfinished batch first, so that batch completes. Waits re-check
-        ``required``, room and ``stop`` at least every ``poll`` seconds.
+        load the oldest unfinished batch first, so that batch completes.
+
+        ``required`` is called without the governor's lock held (it may take other
+        locks, e.g. the ready buffer's), after every wake-up: :meth:`release` and
+        :meth:`wake_waiters` wake the waiters, and a wake-up that lands between a
+        ``required()`` call and the wait is not lost. Waits also re-check at least
+        every ``poll`` seconds (``stop`` is only seen then, or at a wake-up).
         """
         n = _check_count("nbytes", nbytes)
         budget = self.budget_bytes
         if budget is None:
             return
         with self._room:
-            while (self._bytes_in_flight + n > budget and self._bytes_in_flight > 0
-                   and not stop.is_set() and not required()):
-                self._room.wait(poll)
+            if self._has_room_locked(n, budget):
+                return
+            seen = self._changes
+        while True:
+            if stop.is_set() or required():  # outside the lock: no callback under it
+                return
+            with self._room:
+                if self._changes == seen and not self._has_room_locked(n, budget):
+                    self._room.wait(poll)  # woken by release()/wake_waiters(), or the poll
+                if self._has_room_locked(n, budget):
+                    return
+                seen = self._changes
+
+    def _has_room_locked(self, n: int, budget: int) -> bool:
+        return self._bytes_in_flight + n <= budget or self._bytes_in_flight == 0
+
+    def wake_waiters(self) -> None:
+        """Wake the workers waiting in :meth:`wait_for_room` so they re-check ``required()``.
+
+        The consumer calls it after the batch it needs next changed (the thread pool's
+        ``set_needed`` does, through its ``on_needed`` hook) and when the loader stops.
+        Any thread; never blocks for long.
+        """
+        with self._room:
+            self._changes += 1
+            self._room.notify_all()
 
     def add_device(self, nbytes: int) -> None:
         """Record ``nbytes`` staged onto the device by the loader (any thread)."""

@@ -23,15 +23,18 @@ class ReadyBuffer:
         - ``take`` with ``in_order=True`` returns exactly the batch with the
           ordinal asked for; with ``in_order=False`` the smallest ready ordinal
           among those asked for (completion order, oldest first).
-        - ``take`` waits at most ``timeout`` and wakes on ``put`` or ``close``.
+        - ``take`` waits at most ``timeout`` and wakes on ``put``, ``nudge`` or
+          ``close``; a ``nudge`` that came before it makes it return at once.
+        - ``len`` counts finished batches only (a nudge is not an entry).
     """
 
     def __init__(self, *, in_order: bool) -> None:
         self.in_order = in_order
-        # _cv's lock guards _items and _closed. Workers hold it to put a finished
-        # batch; the consumer holds it to take one and waits on it.
+        # _cv's lock guards _items, _nudged and _closed. Workers hold it to put a finished
+        # batch or nudge; the consumer holds it to take one and waits on it (its only waiter).
         self._cv = threading.Condition(threading.Lock())
         self._items: dict[int, Any] = {}
+        self._nudged = False  # a nudge no take() has returned for yet (so none is lost)
         self._closed = False
 
     def put(self, ordinal: int, item: Any) -> None:
@@ -41,8 +44,12 @@ class ReadyBuffer:
 
     def nudge(self) -> None:
         """Wake a waiting ``take`` early (it returns ``None`` if nothing is ready), so
-        the consumer acts on news that is not a batch (the online probe decided)."""
+        the consumer acts on news that is not a batch (the online probe decided, a
+        worker's init failed and set ``pool.fatal``). Adds no entry (``len`` is
+        unchanged). A nudge while no ``take`` waits makes the next ``take`` return
+        without waiting: it is never lost."""
         with self._cv:
+            self._nudged = True
             self._cv.notify_all()
 
     def take(self, wanted: Callable[[], list[int]], timeout: float) -> tuple[int, Any] | None:
@@ -53,9 +60,10 @@ class ReadyBuffer:
         """
         with self._cv:
             got = self._pick(wanted())
-            if got is None and not self._closed:
+            if got is None and not self._closed and not self._nudged:
                 self._cv.wait(timeout)
                 got = self._pick(wanted())
+            self._nudged = False
             return got
 
     def _pick(self, wanted: list[int]) -> tuple[int, Any] | None:

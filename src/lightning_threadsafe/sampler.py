@@ -65,7 +65,9 @@ class BatchPlan:
             (each "batch" is then one index, given to ``collate_fn`` as is).
         shuffle, sampler, batch_sampler, drop_last, generator: as in
             ``torch.utils.data.DataLoader``.
-        seed: base seed for epoch shuffles when ``generator`` is ``None``.
+        seed: base seed for epoch shuffles when ``generator`` is ``None``; ``None``: each
+            epoch's order seed is given to :meth:`batches` (drawn by the loader from
+            torch's global RNG, as torch's ``RandomSampler`` draws it).
         distributed: rank and world size to shard for.
     """
 
@@ -79,7 +81,7 @@ class BatchPlan:
         batch_sampler: Iterable[list[Any]] | None,
         drop_last: bool,
         generator: torch.Generator | None,
-        seed: int,
+        seed: int | None,
         distributed: DistributedInfo = DistributedInfo(),
     ) -> None:
         self.dataset = dataset
@@ -94,14 +96,26 @@ class BatchPlan:
 
     # -- per-epoch construction -------------------------------------------------
 
-    def _index_sampler(self, epoch: int) -> Iterable[Any]:
+    def default_shuffle(self) -> bool:
+        """Whether the order comes from the plan's own ``RandomSampler`` without a generator."""
+        return (self.shuffle and self.generator is None and self.user_sampler is None
+                and self.user_batch_sampler is None)
+
+    def _index_sampler(self, epoch: int, shuffle_seed: int | None) -> Iterable[Any]:
         if self.user_sampler is not None:
             set_epoch = getattr(self.user_sampler, "set_epoch", None)
             if callable(set_epoch):
                 set_epoch(epoch)
             return self.user_sampler
         if self.shuffle:
-            gen = self.generator if self.generator is not None else epoch_generator(self.seed, epoch)
+            if self.generator is not None:
+                gen = self.generator
+            elif shuffle_seed is not None:
+                # Exactly what torch's RandomSampler does with a seed it drew itself.
+                gen = torch.Generator()
+                gen.manual_seed(shuffle_seed)
+            else:
+                gen = epoch_generator(self.seed if self.seed is not None else 0, epoch)
             return RandomSampler(self.dataset, generator=gen)
         return SequentialSampler(self.dataset)
 
@@ -127,8 +141,12 @@ class BatchPlan:
             items = items[:total]
         return items[rank:total:world]
 
-    def batches(self, epoch: int) -> Iterator[list[Any]]:
-        """The epoch's batches of indices (lists), for this rank."""
+    def batches(self, epoch: int, shuffle_seed: int | None = None) -> Iterator[list[Any]]:
+        """The epoch's batches of indices (lists), for this rank.
+
+        ``shuffle_seed``: the order seed of a default shuffle without ``seed`` or
+        ``generator`` (see :meth:`default_shuffle`).
+        """
         if self.user_batch_sampler is not None:
             set_epoch = getattr(self.user_batch_sampler, "set_epoch", None)
             if callable(set_epoch):
@@ -138,7 +156,7 @@ class BatchPlan:
             else:
                 yield from (list(b) for b in self._shard([list(b) for b in self.user_batch_sampler]))
             return
-        index_sampler = self._index_sampler(epoch)
+        index_sampler = self._index_sampler(epoch, shuffle_seed)
         if self.distributed.world_size > 1:
             index_sampler = self._shard(list(index_sampler))
         if self.batch_size is None:

@@ -43,6 +43,10 @@ class WorkerStats:
         self.current_index: object | None = None
 
 
+# The per-worker counters a snapshot sums (and retire() folds into the retired totals).
+_SUMMED = ("samples", "fetch_wall_s", "fetch_cpu_s", "collate_s", "transfer_s", "errors",
+           "retries", "skipped")
+
 GAUGES = frozenset(("threads", "prefetch", "queue_depth", "bytes_in_flight", "rss_bytes",
                     "busy_workers"))
 
@@ -168,13 +172,15 @@ class TelemetryWindow(_Counters):
 class LoaderTelemetry:
     """Registry of per-worker counters plus the consumer's own counters.
 
-    Locks: ``_lock`` guards only the list of registered workers (taken when a
-    worker starts and when a snapshot is taken, never per sample).
+    Locks: ``_lock`` guards the list of registered workers and the retired totals.
+    Held by ``register``/``retire`` (a worker starting or exiting), ``live_workers``
+    and ``snapshot`` (any reader, for the whole sum); never taken per sample, nobody
+    waits on it for long.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
-        self._lock = threading.Lock()  # guards _workers/_retired (registration and snapshot)
+        self._lock = threading.Lock()  # guards _workers/_retired (see the class docstring)
         self._workers: list[WorkerStats] = []
         self._retired = WorkerStats("retired")  # counters of workers that exited
         # Consumer-owned counters (written only by the thread iterating the loader).
@@ -196,8 +202,7 @@ class LoaderTelemetry:
             if stats in self._workers:
                 self._workers.remove(stats)
                 r = self._retired
-                for name in ("samples", "fetch_wall_s", "fetch_cpu_s", "collate_s", "transfer_s",
-                             "batches_collated", "errors", "retries", "skipped"):
+                for name in (*_SUMMED, "batches_collated"):
                     setattr(r, name, getattr(r, name) + getattr(stats, name))
 
     def live_workers(self) -> list[WorkerStats]:
@@ -206,14 +211,16 @@ class LoaderTelemetry:
 
     def snapshot(self, **gauges: float | int) -> TelemetrySnapshot:
         """Sum the counters; ``gauges`` supplies the gauge and governor fields."""
+        tot = dict.fromkeys(_SUMMED, 0)
+        # Summed under _lock: retire() moves a worker's counters into _retired under the
+        # same lock, so every worker is counted exactly once -- live or retired, never both
+        # (a worker retiring between a copy of the list and the sums was counted twice).
+        # A few dozen attribute reads; workers never take this lock per sample.
         with self._lock:
-            everyone = [*self._workers, self._retired]
             busy = sum(1 for w in self._workers if w.current_index is not None)
-        tot = dict.fromkeys(("samples", "fetch_wall_s", "fetch_cpu_s", "collate_s",
-                             "transfer_s", "errors", "retries", "skipped"), 0)
-        for w in everyone:
-            for k in tot:
-                tot[k] += getattr(w, k)
+            for w in (*self._workers, self._retired):
+                for k in _SUMMED:
+                    tot[k] += getattr(w, k)
         tot["transfer_s"] += self.transfer_s_consumer
         gauges.setdefault("busy_workers", busy)
         return TelemetrySnapshot(

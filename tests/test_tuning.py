@@ -1,19 +1,30 @@
-"""HillClimbTuner moves, bounds, convergence and state; the start-up probe."""
+"""The tuning package: HillClimbTuner moves, bounds, convergence and state; the probe's
+rules as pure functions (also with the GIL disabled); the package's surface and imports."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import random
-import threading
-import time
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
-from lightning_threadsafe.autotune import Decision, HillClimbTuner, ProbeResult, Settings, probe
+import lightning_threadsafe
+from lightning_threadsafe import _gil, tuning
 from lightning_threadsafe.bottleneck import Bottleneck, BottleneckDetector, Verdict
 from lightning_threadsafe.telemetry import TelemetryWindow
+from lightning_threadsafe.tuning import (
+    Decision,
+    HillClimbTuner,
+    OnlineProbe,
+    ProbeResult,
+    Settings,
+    default_max_workers,
+)
+from lightning_threadsafe.tuning.rules import _ConcurrentState, _Rules
 
 
 # ----------------------------------------------------------------- simulator
@@ -426,233 +437,208 @@ def test_default_max_workers():
     assert HillClimbTuner(cpu_count=32).max_workers == 64
 
 
-# -------------------------------------------------------------------- probe
-class FakeClocks:
-    """A wall clock and per-thread CPU clocks advanced only by the fake loads."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()  # guards now/cpu (advanced by the probe's threads)
-        self.now = 0.0
-        self.cpu: dict[int, float] = {}
-
-    def wall(self) -> float:
-        with self._lock:
-            return self.now
-
-    def thread(self) -> float:
-        with self._lock:
-            return self.cpu.get(threading.get_ident(), 0.0)
-
-    def process(self) -> float:
-        with self._lock:
-            return sum(self.cpu.values()) + self.extra_process_cpu
-
-    extra_process_cpu = 0.0  # CPU burnt outside the samples' threads (intra-op pools)
-
-    def advance(self, wall: float, cpu: float) -> None:
-        with self._lock:
-            self.now += wall
-            me = threading.get_ident()
-            self.cpu[me] = self.cpu.get(me, 0.0) + cpu
+def test_default_max_workers_function():
+    assert default_max_workers(1) == 8
+    assert default_max_workers(2) == 16
+    assert default_max_workers(8) == 64 and default_max_workers(32) == 64
 
 
-def fake_load(clocks: FakeClocks, *, wall: float, cpu: float, speedup: float = 2.0,
-              first_wall: float | None = None):
-    """A load whose samples take ``wall``/``cpu`` alone; in the probe's concurrent threads
-    the shared wall clock advances ``wall / speedup`` per sample (the threads together
-    finish ``speedup`` times faster than serially). ``first_wall``: the very first
-    sample's wall time (a cold start)."""
-    calls = []
-    lock = threading.Lock()  # guards calls (several probe threads)
+# --------------------------------------------------------- probe rules (pure functions)
+@pytest.fixture
+def gil(monkeypatch):
+    """``gil(enabled)`` fixes what the probe rules and the detector see of the GIL."""
 
-    def load(i: int) -> int:
-        name = threading.current_thread().name
-        concurrent = name.startswith("lts-probe-") and name != "lts-probe-serial"
-        w = wall / speedup if concurrent else wall
-        with lock:
-            if first_wall is not None and not calls:
-                w = first_wall
-            calls.append(i)
-        clocks.advance(w, cpu)
-        return i
+    def force(enabled: bool) -> None:
+        monkeypatch.setattr("lightning_threadsafe.tuning.rules.gil_enabled", lambda: enabled)
+        monkeypatch.setattr("lightning_threadsafe.bottleneck.gil_enabled", lambda: enabled)
 
-    load.calls = calls  # type: ignore[attr-defined]
-    return load
+    return force
 
 
-def run_probe(load, clocks: FakeClocks, n: int = 12, **kw) -> ProbeResult:
-    return probe(load, list(range(n)), clock=clocks.wall, thread_clock=clocks.thread,
-                 process_clock=clocks.process, **kw)
+def window_state(rules: _Rules, k: int, *, cores: float, cpu_ms: float = 10.0,
+                 samples: int = 8) -> _ConcurrentState:
+    """A concurrent window of ``samples`` samples of ``cpu_ms`` on ``k`` threads burning
+    ``cores`` cores between them."""
+    cpu_s = samples * cpu_ms / 1e3
+    elapsed = cpu_s / cores if cores > 0 else samples * cpu_ms / 1e3
+    return rules.concurrent(k, samples=samples, elapsed_s=elapsed, cpu_s=cpu_s,
+                            process_cores=cores)
 
 
-def test_probe_latency_bound_picks_threads_without_a_serial_phase():
-    c = FakeClocks()
-    load = fake_load(c, wall=0.020, cpu=0.001)
-    r = run_probe(load, c, cpu_count=2, max_workers=64)
-    assert r.executor == "thread"
-    assert r.num_workers == 60  # ceil(1.5 headroom * 2 cores / (1 ms / 20 ms))
-    assert r.prefetch == 2
-    assert r.evidence["process_cores"] == pytest.approx(0.1)  # 2 threads x 5% busy
-    assert r.evidence["cpu_wall_ratio"] == pytest.approx(0.05)
-    assert r.evidence["speedup"] is None and r.evidence["samples_serial"] == 0
-    assert sorted(load.calls) == list(range(8))  # the 4 serial indices were never loaded
-    # default cap: min(64, 8 * cores)
-    c2 = FakeClocks()
-    assert run_probe(fake_load(c2, wall=0.020, cpu=0.001), c2, cpu_count=2).num_workers == 16
+def test_rules_speedup_boundary(gil):
+    gil(True)
+    rules = _Rules.checked(2, None, None, True)
+    # Just below 1.3 cores: ambiguous; samples CPU-heavy alone gain 1.29x: GIL-bound.
+    state = window_state(rules, 2, cores=1.29)
+    assert state.kind == "one core busy" and state.needs_serial
+    r = rules.after_serial(state, [0.01] * 4, [0.01] * 4)
+    assert r.executor == "process" and r.num_workers == 2 and "GIL-bound" in r.evidence["reason"]
+    assert r.evidence["speedup"] == pytest.approx(1.29)
+    # Just above: the threads ran in parallel, no serial phase needed.
+    state = window_state(rules, 2, cores=1.31)
+    assert state.kind == "parallel" and not state.needs_serial
+    assert rules.decide(state).executor == "thread"
 
 
-def test_probe_gil_bound_picks_processes():
-    c = FakeClocks()
-    load = fake_load(c, wall=0.010, cpu=0.010, speedup=1.0)
-    r = run_probe(load, c, cpu_count=4)
-    assert r.executor == "process" and r.num_workers == 4 and r.prefetch == 2
-    assert r.evidence["threads"] == 4
-    assert r.evidence["process_cores"] == pytest.approx(1.0)
-    assert r.evidence["serial_cpu_wall_ratio"] == pytest.approx(1.0)
-    assert r.evidence["speedup"] == pytest.approx(1.0)
-    assert "GIL" in r.evidence["reason"]
-    assert sorted(load.calls) == list(range(12))  # the serial phase ran
-
-
-def test_probe_cpu_bound_that_scales_picks_threads_at_once():
-    c = FakeClocks()
-    load = fake_load(c, wall=0.010, cpu=0.010, speedup=3.8)  # 4 threads, 3.8 cores busy
-    r = run_probe(load, c, cpu_count=4, batch_size=2)
-    assert r.executor == "thread" and r.num_workers == 4
-    assert r.prefetch == 2  # per worker
-    assert r.evidence["process_cores"] == pytest.approx(3.8)
-    assert r.evidence["speedup"] is None  # no serial phase: 3.8 cores rule the GIL out
-    assert sorted(load.calls) == list(range(8))
-    c2 = FakeClocks()
-    r2 = run_probe(fake_load(c2, wall=0.010, cpu=0.010, speedup=3.8), c2, cpu_count=4,
-                   batch_size=2, prefetch_per_worker=False)
-    assert r2.prefetch == 4  # total: ceil(2 * 4 threads / batch of 2)
-
-
-def test_probe_speedup_boundary():
-    for speedup, executor in ((1.29, "process"), (1.31, "thread")):
-        c = FakeClocks()
-        assert run_probe(fake_load(c, wall=0.01, cpu=0.01, speedup=speedup), c,
-                         cpu_count=2).executor == executor
-
-
-def test_probe_one_core_busy_but_waiting_samples_stay_on_threads():
-    # Two threads burn one core between them -- like the GIL -- but a lone sample waits
-    # half its time: two threads run two samples at once. Not GIL-bound.
-    c = FakeClocks()
-    r = run_probe(fake_load(c, wall=0.010, cpu=0.005, speedup=2.0), c, cpu_count=2)
-    assert r.evidence["process_cores"] == pytest.approx(1.0)
-    assert r.evidence["serial_cpu_wall_ratio"] == pytest.approx(0.5)
-    assert r.evidence["speedup"] == pytest.approx(2.0)
-    assert r.executor == "thread" and r.num_workers == 4  # ceil(2 cores / 0.5)
-
-
-def test_probe_one_core_starts_no_threads():
-    c = FakeClocks()
-    load = fake_load(c, wall=0.010, cpu=0.010, speedup=1.0)
-    r = run_probe(load, c, cpu_count=1)
-    assert r.executor == "thread" and r.num_workers == 1
-    assert r.evidence["threads"] == 0 and r.evidence["speedup"] is None
-    assert len(load.calls) == 8  # only the first part, serially
-
-
-def test_probe_ignores_the_cold_first_sample():
-    c = FakeClocks()
-    r = run_probe(fake_load(c, wall=0.020, cpu=0.020, first_wall=5.0), c, cpu_count=2)
-    assert r.evidence["process_cores"] == pytest.approx(2.0)
+def test_rules_keep_threads_when_samples_already_use_several_cores(gil):
+    gil(True)
+    rules = _Rules.checked(2, None, None, True)
+    r = rules.decide(window_state(rules, 2, cores=2.0))
     assert r.executor == "thread" and r.num_workers == 2
-    c1 = FakeClocks()
-    r1 = run_probe(fake_load(c1, wall=0.020, cpu=0.020, first_wall=5.0), c1, cpu_count=1)
-    assert r1.evidence["wall_ms"] == pytest.approx(20.0)
+    assert r.evidence["process_cores"] == pytest.approx(2.0) and r.evidence["speedup"] is None
 
 
-def test_probe_prefetch_is_capped():
-    c = FakeClocks()
-    r = run_probe(fake_load(c, wall=0.020, cpu=0.0), c, cpu_count=8, batch_size=1,
-                  prefetch_per_worker=False)
+def test_rules_prefetch_per_worker_total_and_capped():
+    per_worker = _Rules.checked(4, None, 2, True)
+    assert per_worker.decide(window_state(per_worker, 4, cores=3.8)).prefetch == 2
+    total = _Rules.checked(4, None, 2, False)
+    r = total.decide(window_state(total, 4, cores=3.8))
+    assert r.num_workers == 4 and r.prefetch == 4  # ceil(2 * 4 threads / batch of 2)
+    capped = _Rules.checked(8, None, 1, False)
+    r = capped.decide(window_state(capped, 4, cores=0.0))  # waiting, no CPU at all
     assert r.num_workers == 64 and r.prefetch == 32
 
 
-def test_probe_errors_propagate_unchanged():
-    boom = KeyError("index 2 is corrupt")
-
-    def concurrent_fail(i: int) -> None:
-        if i == 2:
-            raise boom
-
-    with pytest.raises(KeyError) as info:
-        probe(concurrent_fail, range(12), cpu_count=2)
-    assert info.value is boom
-
-    c = FakeClocks()
-    load = fake_load(c, wall=0.010, cpu=0.010, speedup=1.0)  # GIL-bound: a serial phase
-
-    def failing(i: int) -> int:
-        load(i)
-        if i == 10:  # in the serial part
-            raise ValueError(f"bad sample {i}")
-        return i
-
-    with pytest.raises(ValueError, match="bad sample 10"):
-        run_probe(failing, c, cpu_count=2)
-    assert not [t for t in threading.enumerate() if t.name.startswith("lts-probe-")]
-
-
-def test_probe_validation():
-    with pytest.raises(ValueError, match="at least 4"):
-        probe(lambda i: i, [0, 1, 2])
-    with pytest.raises(ValueError, match="batch_size=0"):
-        probe(lambda i: i, range(4), batch_size=0)
-    with pytest.raises(ValueError, match=r"serial=3 must be an int in \[0, 2\]"):
-        probe(lambda i: i, range(4), serial=3)
-
-
-def test_probe_result_to_dict():
-    c = FakeClocks()
-    r = run_probe(fake_load(c, wall=0.02, cpu=0.001), c, cpu_count=2)
-    d = r.to_dict()
-    assert json.loads(json.dumps(d)) == d
-    assert r.settings() == Settings(r.num_workers, r.prefetch, r.executor)
-
-
-def test_probe_threads_use_one_intra_op_thread_and_leave_the_caller_alone():
-    seen = []
-    before = torch.get_num_threads()
-    probe(lambda i: seen.append(torch.get_num_threads()), range(12), cpu_count=2)
-    assert set(seen) == {1}
-    assert torch.get_num_threads() == before
-
-
-def test_real_probe_on_sleeping_load_picks_threads():
-    # Real clocks: a 20 ms sleep releases the GIL and burns no CPU, so the samples are
-    # unambiguously latency-bound however loaded the machine is. No timing assertions.
-    r = probe(lambda i: time.sleep(0.02), range(12), batch_size=4)
-    assert r.executor == "thread"
-    assert r.num_workers >= 2
-    assert r.evidence["cpu_wall_ratio"] < 0.5
-
-
-def test_probe_keeps_threads_when_samples_already_use_several_cores():
-    # Two threads gain nothing, but the process burns ~2 cores meanwhile (torch's intra-op
-    # threads inside each sample): the GIL is not the limit, processes would not help.
-    c = FakeClocks()
-
-    def load(i: int) -> int:
-        in_probe_thread = threading.current_thread().name.startswith("lts-probe-")
-        c.advance(0.010, 0.010)
-        if in_probe_thread:
-            with c._lock:
-                c.extra_process_cpu += 0.010  # the intra-op helper thread's share
-        return i
-
-    r = run_probe(load, c, cpu_count=2)
-    assert r.evidence["process_cores"] == pytest.approx(2.0)
-    assert r.evidence["speedup"] is None
-    assert r.executor == "thread"
-
-
-def test_probe_tiny_samples_are_loaded_inline_never_by_processes():
-    c = FakeClocks()
-    r = run_probe(fake_load(c, wall=0.00005, cpu=0.00005, speedup=1.0), c, cpu_count=8)
+def test_rules_tiny_samples_are_loaded_inline_never_by_processes(gil):
+    gil(True)
+    rules = _Rules.checked(8, None, None, True)
+    state = window_state(rules, 8, cores=1.0, cpu_ms=0.05, samples=24)  # GIL-serialised
+    assert state.tiny and not state.needs_serial
+    r = rules.decide(state)
     assert r.executor == "thread" and r.num_workers == 0
     assert "tiny samples" in r.evidence["reason"]
+
+
+def test_rules_one_core_only_sizes_threads():
+    rules = _Rules.checked(1, None, None, True)
+    r = rules.one_core([0.020] * 4, [0.020] * 4)
+    assert r.executor == "thread" and r.num_workers == 1
+    assert r.evidence["threads"] == 0 and r.evidence["wall_ms"] == pytest.approx(20.0)
+
+
+def test_rules_validation():
+    with pytest.raises(ValueError, match="batch_size=0"):
+        _Rules.checked(2, None, 0, True)
+    with pytest.raises(ValueError, match="cpu_count=0"):
+        _Rules.checked(0, None, None, True)
+    with pytest.raises(ValueError, match="max_workers=0"):
+        _Rules.checked(2, 0, None, True)
+
+
+def test_probe_result_to_dict_and_settings():
+    r = ProbeResult("thread", 6, 2, {"reason": "scripted", "cpu_wall_ratio": 0.25})
+    d = r.to_dict()
+    assert json.loads(json.dumps(d)) == d
+    d["evidence"]["reason"] = "changed"
+    assert r.evidence["reason"] == "scripted"  # the evidence was copied
+    assert r.settings() == Settings(6, 2, "thread")
+
+
+# ------------------------------------------------------------ the GIL disabled
+class Clocks:
+    """A wall clock only the test advances."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def wall(self) -> float:
+        return self.now
+
+
+def feed(probe: OnlineProbe, clocks: Clocks, *, n: int, wall: float, cpu: float,
+         gil_wait: float | None = None, workers: int = 2) -> None:
+    """``n`` samples completing round-robin on ``workers`` busy workers."""
+    for i in range(n):
+        clocks.now += wall / workers
+        probe.observe(i % workers, wall_s=wall, cpu_s=cpu, live_workers=workers,
+                      gil_wait_s=gil_wait)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_online_probe_never_reports_gil_bound_with_the_gil_disabled(gil, enabled):
+    # Two workers burn one core between them and wait 4 ms for the GIL after yielding
+    # it: with a GIL that is a GIL fight (processes); without one it cannot be, and the
+    # samples are sized as threads at once -- no GIL wait rule, no serial phase.
+    gil(enabled)
+    c = Clocks()
+    p = OnlineProbe(threads=2, cpu_count=2, window=4, clock=c.wall)
+    p.on_serial = lambda: pytest.fail("no serial phase expected")
+    feed(p, c, n=6, wall=0.020, cpu=0.010, gil_wait=0.004)
+    r = p.result
+    assert r is not None and r.evidence["gil_enabled"] is enabled
+    if enabled:
+        assert r.executor == "process" and "GIL-bound" in r.evidence["reason"]
+    else:
+        assert r.executor == "thread" and r.num_workers == 4  # ceil(2 cores / 0.5)
+        assert "with the GIL disabled: not GIL-bound" in r.evidence["reason"]
+        assert "gil_wait_ms" not in r.evidence and p.wanted_workers == 4
+
+
+def test_probe_rules_with_the_gil_disabled_skip_the_serial_phase_and_processes(gil):
+    gil(False)
+    rules = _Rules.checked(4, None, None, True)
+    state = window_state(rules, 4, cores=1.0)  # one core busy: the GIL pattern
+    assert state.kind == "no GIL" and not state.gil and not state.needs_serial
+    assert rules.from_gil_wait(state, 0.004, 0.010) is None  # the GIL wait means nothing
+    # Even serial samples that gain nothing from threads are not GIL-bound without a GIL.
+    r = rules.after_serial(state, [0.01] * 4, [0.01] * 4)
+    assert r.executor == "thread" and r.num_workers == 24  # ceil(1.5 * 4 cores / 0.25)
+    assert r.evidence["speedup"] == pytest.approx(1.0)
+    r2 = rules.decide(window_state(rules, 4, cores=1.0))
+    assert r2.executor == "thread" and r2.num_workers == 24
+    assert "GIL disabled" in r2.evidence["reason"]
+
+
+def test_the_detector_and_the_probe_ask_at_decision_time(gil):
+    # A free-threaded interpreter re-enables the GIL when it imports an extension that
+    # does not support free threading: the switch is read per decision, not cached.
+    rules = _Rules.checked(2, None, None, True)
+    gil(False)
+    assert window_state(rules, 2, cores=1.0).kind == "no GIL"
+    gil(True)
+    assert window_state(rules, 2, cores=1.0).kind == "one core busy"
+
+
+def test_gil_enabled_follows_the_interpreter(monkeypatch):
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: False, raising=False)
+    assert _gil.gil_enabled() is False
+    monkeypatch.setattr(sys, "_is_gil_enabled", lambda: True, raising=False)
+    assert _gil.gil_enabled() is True
+    monkeypatch.delattr(sys, "_is_gil_enabled", raising=False)
+    assert _gil.gil_enabled() is True  # before 3.13 there is always a GIL
+
+
+# ------------------------------------------------------------ the package
+TUNING_DIR = Path(tuning.__file__).parent
+
+
+def test_package_surface():
+    assert tuning.__all__ == sorted(tuning.__all__) == [
+        "Decision", "HillClimbTuner", "OnlineProbe", "ProbeResult", "Settings",
+        "default_max_workers"]
+    assert lightning_threadsafe.HillClimbTuner is HillClimbTuner
+    assert "probe" not in lightning_threadsafe.__all__
+    assert not hasattr(lightning_threadsafe, "probe")
+    with pytest.raises(ModuleNotFoundError):
+        __import__("lightning_threadsafe.autotune")
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", [*sorted(TUNING_DIR.glob("*.py")), Path(_gil.__file__)],
+                         ids=lambda p: p.name)
+def test_tuning_modules_are_small_and_never_import_the_loader(path):
+    assert len(path.read_text().splitlines()) <= 400
+    loader_side = {"lightning_threadsafe.loader", "lightning_threadsafe._iterators",
+                   "lightning_threadsafe._process", "lightning_threadsafe._epoch"}
+    bad = {m for m in _imports(path)
+           if m in loader_side or m.startswith("lightning_threadsafe._exec_")}
+    assert not bad, f"{path.name} imports {sorted(bad)}"

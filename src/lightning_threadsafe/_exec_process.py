@@ -11,20 +11,18 @@ names its index and keeps its original traceback text.
 from __future__ import annotations
 
 import contextlib
+import pickle
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 
+from lightning_threadsafe._epoch import EMPTY, BaseIterator, Empty, EpochSpec
 from lightning_threadsafe._fetch import FetchPolicy, Skipped, load_sample
-from lightning_threadsafe._iterators import EMPTY, BaseIterator, Empty
 from lightning_threadsafe.errors import LoaderStallError, SampleLoadError
 from lightning_threadsafe.telemetry import WorkerStats
-
-if TYPE_CHECKING:
-    from lightning_threadsafe.loader import ThreadedDataLoader
 
 __all__ = ["ProcessIterator"]
 
@@ -57,7 +55,7 @@ class _ProcessDataset(torch.utils.data.Dataset):
             cause = err.__cause__
             tb = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__)) \
                 if cause is not None else ""
-            return _Failure(str(err), index, err.attempts, tb)
+            return _Failure(str(err), index, err.attempts, tb, _pickled(cause))
         return _Loaded(value, stats.fetch_wall_s, stats.fetch_cpu_s, stats.retries, stats.errors)
 
 
@@ -69,10 +67,36 @@ class _Loaded:
 
 
 class _Failure:
-    __slots__ = ("attempts", "index", "message", "traceback")
+    __slots__ = ("attempts", "cause", "index", "message", "traceback")
 
-    def __init__(self, message: str, index: Any, attempts: int, traceback: str) -> None:
+    def __init__(self, message: str, index: Any, attempts: int, traceback: str,
+                 cause: bytes | None = None) -> None:
         self.message, self.index, self.attempts, self.traceback = message, index, attempts, traceback
+        self.cause = cause  # the original exception, pickled (None when it cannot be)
+
+    def original(self) -> BaseException:
+        """The worker's exception (its type and args), with the remote traceback chained."""
+        remote = _RemoteTraceback(f"\n{self.traceback}")
+        if self.cause is not None:
+            try:
+                exc = pickle.loads(self.cause)
+            except Exception:
+                exc = None
+            if isinstance(exc, BaseException):
+                exc.__cause__ = remote
+                return exc
+        return remote
+
+
+def _pickled(exc: BaseException | None) -> bytes | None:
+    if exc is None:
+        return None
+    try:
+        blob = pickle.dumps(exc)
+        pickle.loads(blob)  # an exception whose __init__ takes other args fails here
+    except Exception:
+        return None
+    return blob
 
 
 class _RemoteTraceback(Exception):
@@ -157,7 +181,8 @@ class _ProcessCollate:
 
                 return _Delivered(ordinal, indices, failure=_Failure(
                     f"collate_fn failed for batch {ordinal} (indices {indices}): {exc!r}", None, 1,
-                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))))
+                    "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                    _pickled(exc)))
         return _Delivered(ordinal, indices, batch=batch, skipped=skipped, wall=wall, cpu=cpu,
                           collate=time.perf_counter() - t0, samples=len(values), retries=retries,
                           errors=errors)
@@ -179,99 +204,92 @@ class _KeyedDataset(torch.utils.data.Dataset):
 class ProcessIterator(BaseIterator[T]):
     """One epoch with torch's multiprocessing DataLoader over the same batch plan."""
 
-    def __init__(self, loader: ThreadedDataLoader[T], epoch: int,
-                 source: Iterator[tuple[int, list[Any]]], resumed: list[int],
-                 generator_state: list[int] | None) -> None:
-        super().__init__(loader, epoch, resumed, generator_state)
+    def __init__(self, spec: EpochSpec, source: Iterator[tuple[int, list[Any]]],
+                 resumed: list[int], generator_state: list[int] | None) -> None:
+        super().__init__(spec, resumed, generator_state)
         keyed = [
-            [(epoch, ordinal, index, list(indices)) for index in indices]
+            [(spec.epoch, ordinal, index, list(indices)) for index in indices]
             for ordinal, indices in source
         ]
-        settings = loader._settings
-        stall = loader.stall_timeout
-        timeout = loader.timeout if loader.timeout > 0 else (stall or 0)
+        stall = spec.stall_timeout
+        timeout = spec.timeout if spec.timeout > 0 else (stall or 0)
         timeout = min(timeout, 2_000_000.0)  # poll() takes int milliseconds (< 2**31)
-        self._stall_timeout = stall if loader.timeout == 0 else None
+        self._stall_timeout = stall if spec.timeout == 0 else None
         self._dl = torch.utils.data.DataLoader(
-            _KeyedDataset(_ProcessDataset(loader.dataset, loader._policy)),
+            _KeyedDataset(_ProcessDataset(spec.dataset, spec.policy)),
             batch_sampler=keyed,
-            num_workers=int(settings["num_workers"]),
-            collate_fn=_ProcessCollate(loader.collate_fn, loader._auto_collation),
-            pin_memory=loader._pin,
+            num_workers=spec.num_workers,
+            collate_fn=_ProcessCollate(spec.collate_fn, spec.auto_collation),
+            pin_memory=spec.pin,
             timeout=timeout,
-            worker_init_fn=loader.worker_init_fn,
-            multiprocessing_context=loader.multiprocessing_context,
-            prefetch_factor=int(settings["prefetch_factor"]),
+            worker_init_fn=spec.worker_init.fn,
+            multiprocessing_context=spec.multiprocessing_context,
+            prefetch_factor=spec.settings.prefetch(),
             persistent_workers=False,
-            in_order=loader.in_order,
+            in_order=spec.in_order,
         )
         self._it: Any = iter(self._dl)
-        self._stats = self._telemetry.register("lts-process")
-        self._stager = loader._stager_for_use()
+        self._stats: WorkerStats | None = self._telemetry.register("lts-process")
         self._finalizer = weakref.finalize(self, _shutdown_torch_iter, self._it)
 
-    def __next__(self) -> T:
-        if self._finished:
-            raise StopIteration
-        entered = self._enter()
-        loader = self._loader_ref()
-        while True:
-            try:
-                d = next(self._it)
-            except StopIteration:
-                self._finish(clean=True)
-                raise
-            except RuntimeError as exc:
-                self._finish(clean=False)
-                if self._stall_timeout and "timed out" in str(exc):
-                    raise LoaderStallError(
-                        f"no batch arrived from the worker processes for {self._stall_timeout}s "
-                        "(stall_timeout); process workers' stacks are not available in the "
-                        "consumer -- use executor='thread' to see them",
-                        stall_timeout=self._stall_timeout,
-                    ) from exc
-                raise
-            except BaseException:
-                self._finish(clean=False)
-                raise
-            s = self._stats
-            s.fetch_wall_s += d.wall
-            s.fetch_cpu_s += d.cpu
-            s.samples += d.samples
-            s.collate_s += d.collate
-            s.retries += d.retries
-            s.errors += d.errors
-            if d.failure is not None:
-                f = d.failure
-                self._manager.record_error(index=f.index, batch=d.ordinal, error=f.message,
-                                           action="raised", attempts=f.attempts)
-                self._finish(clean=False)
-                err = SampleLoadError(f.message, index=f.index, batch_indices=d.indices,
-                                      batch_ordinal=d.ordinal, attempts=f.attempts)
-                raise err from _RemoteTraceback(f"\n{f.traceback}")
-            for sk in d.skipped:
-                s.skipped += 1
-                self._manager.record_error(index=sk.index, batch=d.ordinal, error=sk.error,
-                                           action="skipped", attempts=sk.attempts)
-            self._delivered.append(d.ordinal)
-            self._telemetry.delivered += d.samples
-            if isinstance(d.batch, Empty):
-                continue
-            batch = d.batch
-            if self._stager is not None and loader is not None:
-                t0 = time.perf_counter()
-                batch = self._stager.stage_and_handoff(batch)
-                s.transfer_s += time.perf_counter() - t0
-            self._exit(entered)
-            return batch
+    def _next_item(self, entered: float) -> Any:
+        try:
+            d = next(self._it)  # StopIteration ends the epoch
+        except RuntimeError as exc:
+            # torch raises its timeout (which is our stall_timeout when the user set none)
+            # as a plain RuntimeError in _get_data: known by where it was raised.
+            if self._stall_timeout and _raised_in(exc, "_get_data"):
+                raise LoaderStallError(
+                    f"no batch arrived from the worker processes for {self._stall_timeout}s "
+                    "(stall_timeout); process workers' stacks are not available in the "
+                    "consumer -- use executor='thread' to see them",
+                    stall_timeout=self._stall_timeout,
+                ) from exc
+            raise
+        s = self._stats
+        assert s is not None
+        s.fetch_wall_s += d.wall
+        s.fetch_cpu_s += d.cpu
+        s.samples += d.samples
+        s.collate_s += d.collate
+        s.retries += d.retries
+        s.errors += d.errors
+        self._delivered.append(d.ordinal)
+        if d.failure is not None:
+            f = d.failure
+            err = SampleLoadError(f.message, index=f.index, batch_indices=d.indices,
+                                  batch_ordinal=d.ordinal, attempts=f.attempts)
+            raise err from f.original()
+        for sk in d.skipped:
+            s.skipped += 1
+            self._services.record_error(index=sk.index, batch=d.ordinal, error=sk.error,
+                                        action="skipped", attempts=sk.attempts)
+        self._telemetry.delivered += d.samples
+        if isinstance(d.batch, Empty):
+            return EMPTY
+        batch = d.batch
+        stager = self.spec.stager
+        if stager is not None:
+            t0 = time.perf_counter()
+            batch = stager.stage_and_handoff(batch)
+            s.transfer_s += time.perf_counter() - t0
+        return batch
 
-    def close(self) -> None:
-        self._rewind_if_unstarted()
-        self._finished = True
+    def _shutdown(self) -> None:
         self._finalizer()
         if self._stats is not None:
             self._telemetry.retire(self._stats)
-            self._stats = None  # type: ignore[assignment]
+            self._stats = None
+
+
+def _raised_in(exc: BaseException, function: str) -> bool:
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return code.co_name == function and code.co_filename == torch.utils.data.dataloader.__file__
 
 
 def _shutdown_torch_iter(it: Any) -> None:
@@ -279,5 +297,3 @@ def _shutdown_torch_iter(it: Any) -> None:
     if callable(shutdown):
         with contextlib.suppress(Exception):
             shutdown()
-
-
