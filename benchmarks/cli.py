@@ -58,11 +58,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmark lightning-threadsafe against torch DataLoader and torchdata.nodes "
-                    "(workloads W1-W8 of BENCHMARKS.md).")
+                    "(workloads W1-W8 of BENCHMARKS.md, O1: loader overhead).")
     p.add_argument("--quick", action="store_true",
                    help="small sizes and 3 rounds: everything in under 3 minutes on 2 cores")
     p.add_argument("--workloads", type=_workload_list, default=list(WORKLOADS),
-                   help="comma-separated subset, e.g. W1,W4 (default: all)")
+                   help="comma-separated subset, e.g. W1,W4 or O1 (default: all)")
     p.add_argument("--rounds", type=_positive_int, default=None,
                    help="interleaved rounds per figure (default 3 quick, 4 full; "
                         "fewer than 3 gives no meaningful spread)")

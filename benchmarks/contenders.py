@@ -13,6 +13,9 @@ Three families appear in every table:
   settings or a static setting. Skipped with the import error when the loader
   is not importable (the harness still measures the peers).
 
+References (family ``reference``) beside them: bare threads calling the dataset
+(W1's ceiling) and the bare batch-granular ``ThreadPoolExecutor`` (O1's floor).
+
 Every measurement opens a *fresh* loader (:meth:`Contender.open`) and closes it
 afterwards (:meth:`LoaderHandle.close`), which stops torch's worker processes,
 torchdata's threads, or calls ``cleanup_thread_safety_resources()`` on ours, so
@@ -22,6 +25,7 @@ that no contender keeps burning CPU while the next one is measured.
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +37,7 @@ __all__ = [
     "LoaderHandle",
     "LoaderSpec",
     "bare_threads",
+    "batch_pool",
     "ours",
     "ours_unavailable",
     "torch_dl",
@@ -227,6 +232,7 @@ class _BareThreads:
         import itertools
         import queue
         import threading
+        import time
 
         import torch
 
@@ -261,8 +267,9 @@ class _BareThreads:
                 yield torch.empty(done.get(timeout=120))
         finally:
             stop.set()
+            deadline = time.monotonic() + 30.0  # one deadline for all: never hang the run
             for t in workers:
-                t.join()
+                t.join(max(0.0, deadline - time.monotonic()))
 
 
 def bare_threads(threads: int) -> Contender:
@@ -270,6 +277,50 @@ def bare_threads(threads: int) -> Contender:
     return Contender(f"bare threads={threads} (no loader)", "reference", {"threads": threads},
                      lambda spec: LoaderHandle(_BareThreads(spec.dataset, spec.batch_size,
                                                             threads)),
+                     workers=threads)
+
+
+class _BatchPool:
+    """The bare batch-granular pool (O1's reference): one
+    ``concurrent.futures.ThreadPoolExecutor`` task per batch, each calling ``dataset[i]``
+    for the batch's indices and collating them; ``2 * threads`` batches in flight, taken
+    in order. No seeding context, error policy, memory budget or telemetry: the least a
+    thread loader must do, per sample and per batch."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, collate: Collate, threads: int) -> None:
+        self.dataset, self.batch_size, self.collate = dataset, batch_size, collate
+        self.threads = threads
+
+    def __iter__(self) -> Iterator[Any]:
+        import collections
+        import concurrent.futures
+
+        ds, bs, collate = self.dataset, self.batch_size, self.collate
+        n = len(ds)  # type: ignore[arg-type]
+        starts = iter(range(0, n, bs))
+
+        def load(start: int) -> Any:
+            return collate([ds[i] for i in range(start, min(start + bs, n))])
+
+        pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="bench-pool")
+        in_flight: collections.deque[concurrent.futures.Future[Any]] = collections.deque()
+        try:
+            for start in itertools.islice(starts, 2 * self.threads):
+                in_flight.append(pool.submit(load, start))
+            while in_flight:
+                batch = in_flight.popleft().result(timeout=120)
+                for start in itertools.islice(starts, 1):
+                    in_flight.append(pool.submit(load, start))
+                yield batch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def batch_pool(threads: int) -> Contender:
+    """The bare batch-granular ``ThreadPoolExecutor`` (reference for O1)."""
+    return Contender(f"bare pool threads={threads}", "reference", {"threads": threads},
+                     lambda spec: LoaderHandle(_BatchPool(spec.dataset, spec.batch_size,
+                                                          spec.collate, threads)),
                      workers=threads)
 
 

@@ -1,4 +1,5 @@
-"""The benchmark harness: runs W1-W8 of ``BENCHMARKS.md`` and evaluates the targets.
+"""The benchmark harness: runs W1-W8 of ``BENCHMARKS.md`` and O1 (loader overhead, issue 11)
+and evaluates the targets.
 
 Each workload function builds its dataset, calibrates the single-thread cost
 (for the physical limits), runs a short static sweep of our loader to find its
@@ -30,6 +31,7 @@ from benchmarks.contenders import (
     LoaderHandle,
     LoaderSpec,
     bare_threads,
+    batch_pool,
     ours,
     torch_dl,
     torchdata_nodes,
@@ -699,6 +701,92 @@ def run_w8(ctx: Context) -> WorkloadResult:
     return result
 
 
+# ------------------------------------------------------------------ O1 loader overhead
+
+O1_THREADS_TARGET_S = 4e-6  # ours with threads: <= 4 us per sample (issue 11, item 4)
+O1_INLINE_TARGET_S = 2e-6   # ours inline (num_workers=0): <= 2 us per sample
+O1_INLINE = "ours inline (nw=0)"
+
+
+def _o1_ours_name(threads: int) -> str:
+    return f"ours threads={threads}"
+
+
+def run_o1(ctx: Context) -> WorkloadResult:
+    """Loader overhead: microseconds per sample on a trivial dataset (batch 64).
+
+    The dataset returns one preallocated 16-float tensor, so what remains is each
+    loader's own per-sample and per-batch work (index, seeding context, hand-off,
+    collate). Rows: ours inline and with 1/2/4 threads, torch nw=0, and the bare
+    batch-granular ``ThreadPoolExecutor``; lower is better.
+    """
+    s = ctx.settings
+    ds = TinyTensor(s.o1_length)
+    spec = LoaderSpec(ds, s.o1_batch_size)
+    result = WorkloadResult("O1", "loader overhead on a trivial dataset", "s/sample", False,
+                            "us/sample", 1e6)
+    contenders = [torch_dl(0), ours(O1_INLINE, num_workers=0),
+                  *(ours(_o1_ours_name(t), num_workers=t, executor="thread")
+                    for t in s.o1_threads),
+                  *(batch_pool(t) for t in s.o1_pool_threads)]
+
+    def measure(c: Contender) -> Measurement:
+        m = measure_throughput(c, spec, duration=s.duration_s, warmup_batches=s.warmup_batches,
+                               per="samples")
+        return Measurement(1.0 / m.value, m.extra)
+
+    rounds = max(s.rounds, s.o1_min_rounds)
+    outcome = interleaved_rounds(contenders, measure, rounds, ctx.log, "O1",
+                                 lambda v: f"{v * 1e6:.2f} us/sample")
+    result.rows = _build_rows(contenders, outcome, None, ctx.cores)
+    pools = [r for r in result.rows if r.family == "reference" and r.median is not None]
+    best_pool = min(pools, key=lambda r: r.median) if pools else None  # type: ignore[arg-type,return-value]
+    _apply_ratios(result, {"torch nw=0": "torch nw=0",
+                           "best bare pool": best_pool.name if best_pool else None})
+    result.notes.append(
+        f"TinyTensor (one preallocated 16-float tensor), batch_size={s.o1_batch_size}, "
+        f"{s.o1_length:,} samples, default collate; figure = seconds per delivered sample "
+        f"after {s.warmup_batches} warm-up batches, over {s.duration_s:g} s or the epoch; "
+        f"median of {rounds} interleaved rounds")
+    result.notes.append(
+        "bare pool = concurrent.futures.ThreadPoolExecutor, one task per batch "
+        "(dataset.__getitem__ for its indices + collate), 2 x threads batches in flight: no seeding "
+        "context, error policy, memory budget or telemetry")
+    return result
+
+
+def _o1_targets(r: WorkloadResult) -> list[dict[str, str]]:
+    torch0 = r.row("torch nw=0")
+    ref = f"; torch nw=0 {torch0.median * 1e6:.2f} us" if torch0 and torch0.median else ""
+    pools = [row for row in r.rows if row.family == "reference" and row.median is not None]
+    if pools:
+        ref += "; bare pool " + ", ".join(f"{row.params['threads']}t {row.median * 1e6:.2f}"
+                                          for row in pools) + " us"
+    out = []
+    text = f"ours threads <= {O1_THREADS_TARGET_S * 1e6:g} us/sample (worst of threads)"
+    rows = [row for row in r.rows if row.name.startswith("ours threads=")]
+    problems = [p for p in (_ours_problem(row, row.name) for row in rows) if p]
+    if not rows or problems:
+        status, detail = problems[0] if problems else ("N/A", "no threaded row")
+        out.append(_target("O1", text, status, detail=detail))
+    else:
+        worst = max(rows, key=_median)
+        out.append(_target("O1", text, "PASS" if _median(worst) <= O1_THREADS_TARGET_S else "FAIL",
+                           f"{_median(worst) * 1e6:.2f} us",
+                           ", ".join(f"{row.name.split('=')[1]}t {_median(row) * 1e6:.2f}"
+                                     for row in rows) + " us" + ref))
+    text = f"ours inline <= {O1_INLINE_TARGET_S * 1e6:g} us/sample"
+    row = r.row(O1_INLINE)
+    problem = _ours_problem(row, O1_INLINE)
+    if problem:
+        out.append(_target("O1", text, problem[0], detail=problem[1]))
+    else:
+        v = _median(row)
+        out.append(_target("O1", text, "PASS" if v <= O1_INLINE_TARGET_S else "FAIL",
+                           f"{v * 1e6:.2f} us", ref.lstrip("; ")))
+    return out
+
+
 # -------------------------------------------------------------------------- targets
 
 
@@ -779,6 +867,8 @@ def evaluate_targets(results: dict[str, WorkloadResult], settings: BenchSettings
         out.append(_ratio_target("W8", ">= 90% of the best static setting within 2 epochs", r,
                                  r.row("ours tuned (from nw=1, pf=1)"), r.row("ours static best"),
                                  0.9))
+    if (r := results.get("O1")) is not None:
+        out.extend(_o1_targets(r))
     gpu = ("measured by `python benchmarks/gpu_check.py`, not by this harness"
            if torch.cuda.is_available()
            else "no CUDA device here; `python benchmarks/gpu_check.py` measures it on a GPU")
@@ -857,13 +947,13 @@ def _wait_target(r: WorkloadResult, w2: WorkloadResult | None, s: BenchSettings)
 
 WORKLOADS: dict[str, Callable[[Context], WorkloadResult]] = {
     "W1": run_w1, "W2": run_w2, "W3": run_w3, "W4": run_w4,
-    "W5": run_w5, "W6": run_w6, "W7": run_w7, "W8": run_w8,
+    "W5": run_w5, "W6": run_w6, "W7": run_w7, "W8": run_w8, "O1": run_o1,
 }
 
 
 def run_workloads(ctx: Context, ids: Sequence[str],
                   on_result: Callable[[WorkloadResult], None] | None = None) -> dict[str, WorkloadResult]:
-    """Run the selected workloads in W1..W8 order; a crashing workload is recorded, not fatal."""
+    """Run the selected workloads in W1..W8, O1 order; a crashing workload is recorded, not fatal."""
     for wid in WORKLOADS:
         if wid not in ids:
             continue

@@ -1,6 +1,6 @@
 """Sizes of every workload in the three modes: ``full``, ``--quick`` and the internal ``smoke``.
 
-``quick`` is sized to finish all eight workloads in under 3 minutes on a
+``quick`` is sized to finish all workloads (W1-W8, O1) in under 3 minutes on a
 2-core machine, ``full`` in under 20 minutes, ``smoke`` (tests only) in
 seconds. Every knob is a plain field so that a run's JSON records exactly what
 was measured.
@@ -84,6 +84,13 @@ class BenchSettings:
     w8_batch_size: int = 4
     w8_windows_per_epoch: int = 1
 
+    # O1 loader overhead (us per sample on a trivial dataset)
+    o1_batch_size: int = 64
+    o1_length: int = 64 * 2000
+    o1_threads: tuple[int, ...] = (1, 2, 4)       # ours with threads (plus inline, nw=0)
+    o1_pool_threads: tuple[int, ...] = (1, 2, 4)  # the bare batch-granular pool
+    o1_min_rounds: int = 3                        # O1 always takes >= 3 interleaved rounds
+
     def replace(self, **changes: Any) -> BenchSettings:
         return dataclasses.replace(self, **changes)
 
@@ -112,6 +119,7 @@ def preset(mode: str) -> BenchSettings:
             w7_steps=60, w7_warmup_steps=10, w7_torch_workers=(2, 4), w7_torchdata=True,
             w7_ours_static=True,
             w8_batches_per_epoch=100, w8_batch_size=8,
+            o1_length=64 * 5000,
         )
     if mode == "smoke":
         return BenchSettings(
@@ -123,5 +131,6 @@ def preset(mode: str) -> BenchSettings:
             w4_sweep=(_static(2),), w5_torchdata=(2,), w6_sample_mib=4, w6_samples=12,
             w6_budget_mib=16, w6_pause_s=0.3, w6_consumer_s=0.002, w7_steps=8, w7_warmup_steps=2,
             w7_step_ms=2.0, w7_torch_workers=(1,), w8_batches_per_epoch=4, w8_batch_size=2,
+            o1_length=64 * 60, o1_threads=(2,), o1_pool_threads=(2,),
         )
     raise ValueError(f"mode={mode!r} must be 'quick', 'full' or 'smoke'")

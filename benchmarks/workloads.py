@@ -14,7 +14,7 @@ threads, our loader) load exactly the same work:
   ``time.sleep`` that releases the GIL (object storage / network file systems).
 * :class:`GilBound` (W3): a pure-Python integer loop that holds the GIL for a
   calibrated number of milliseconds.
-* :class:`TinyTensor` (W4): returns one preallocated 16-float tensor; only the
+* :class:`TinyTensor` (W4, O1): returns one preallocated 16-float tensor; only the
   loader's own per-sample/per-batch overhead remains.
 * :class:`BigSamples` (W6): fresh 64 MiB float tensors (filled, so the pages are
   resident and visible in RSS).

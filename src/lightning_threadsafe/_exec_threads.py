@@ -30,7 +30,7 @@ from lightning_threadsafe._epoch import (
     LoaderTimeout,
     finish_batch,
 )
-from lightning_threadsafe._fetch import load_sample
+from lightning_threadsafe._fetch import load_many
 from lightning_threadsafe._handover import next_executor
 from lightning_threadsafe._worker import POLL_S, BatchState, ThreadPool
 from lightning_threadsafe.errors import LoaderStallError
@@ -56,9 +56,11 @@ def _make_pool(spec: EpochSpec, threads: int, in_order: bool, guarded: bool) -> 
     gov = services.governor
     pool_box: list[ThreadPool] = []  # the pool, once created
 
-    def fetch(index: Any, batch: BatchState, stats: WorkerStats, stop: threading.Event) -> Any:
-        return load_sample(dataset, index, epoch=epoch, policy=policy, stats=stats, stop=stop,
-                           batch_indices=batch.indices, ordinal=batch.ordinal)
+    def fetch_many(indices: list[Any], batch: BatchState, stats: WorkerStats,
+                   stop: threading.Event) -> list[Any]:
+        # A worker's share of a batch through the inline fast path (the policy on failures).
+        return load_many(dataset, indices, epoch=epoch, policy=policy, stats=stats, stop=stop,
+                         batch_indices=batch.indices, ordinal=batch.ordinal)
 
     def required(batch: BatchState) -> bool:
         pool = pool_box[0]
@@ -73,7 +75,7 @@ def _make_pool(spec: EpochSpec, threads: int, in_order: bool, guarded: bool) -> 
         finish_batch(spec, batch, stats, gate=gate)
 
     pool = ThreadPool(
-        num_workers=threads, fetch=fetch, finish=finish, telemetry=services.telemetry,
+        num_workers=threads, fetch_many=fetch_many, finish=finish, telemetry=services.telemetry,
         in_order=in_order, on_progress=services.watchdog.progress,
         worker_init_fn=spec.worker_init.for_threads(), worker_context=services.worker_context,
         on_worker_exit=services.on_worker_exit, name="worker", guarded=guarded,

@@ -72,17 +72,35 @@ def load_sample(
             ``Exception`` (``KeyboardInterrupt``, ``SystemExit``) are never
             retried or skipped.
     """
-    attempts = 0
-    retries = policy.max_retries if policy.on_error == "retry" else 0
     local = _rng._local
-    ctx = _rng.SampleContext(policy.seed, epoch, _rng._index_key(index))
+    # SampleContext(seed, epoch, key) without the namedtuple's Python-level __new__
+    # (the same object, at half the cost).
+    ctx = tuple.__new__(_rng.SampleContext, (
+        policy.seed, epoch, index if type(index) is int else _rng._index_key(index)))
     # Thread CPU time costs ~1 us per reading: read it only while samples are not tiny
     # on average; tiny samples are counted as pure CPU (their wall time).
     cpu_timed = stats is not None and (
         stats.samples < 8 or stats.fetch_wall_s > _CPU_TIMING_MIN_S * stats.samples)
+    if first_failure is None:  # the first attempt: the common, successful case
+        value, first_failure = _attempt(dataset, index, local, ctx, stats, cpu_timed)
+        if first_failure is None:
+            if stats is not None:
+                stats.samples += 1
+            return value
+    return _apply_policy(dataset, index, local, ctx, stats, cpu_timed, policy, stop,
+                         batch_indices, ordinal, first_failure)
+
+
+def _apply_policy(dataset: Any, index: Any, local: Any, ctx: Any, stats: WorkerStats | None,
+                  cpu_timed: bool, policy: FetchPolicy, stop: threading.Event | None,
+                  batch_indices: list[Any] | None, ordinal: int | None,
+                  first_failure: BaseException) -> Any:
+    """Attempt 1 raised ``first_failure``: retry, skip or raise as ``policy`` says."""
+    attempts = 0
+    retries = policy.max_retries if policy.on_error == "retry" else 0
     while True:
         attempts += 1
-        if first_failure is not None:  # attempt 1 ran in load_many's fast path
+        if first_failure is not None:  # attempt 1 ran already (here or in load_many)
             failure, first_failure = first_failure, None
             if stats is not None:
                 stats.errors += 1
@@ -158,38 +176,69 @@ def load_many(
     policy: FetchPolicy,
     stats: WorkerStats,
     ordinal: int | None = None,
+    stop: threading.Event | None = None,
+    batch_indices: list[Any] | None = None,
 ) -> list[Any]:
-    """Load a whole batch in the calling thread: a tight loop, the policy on failures only.
+    """Load ``indices`` in the calling thread: a tight loop, the policy on failures only.
 
     Same results, seeding and error handling as ``load_sample`` per index (a failing
     index continues with ``load_sample(first_failure=...)``), at a fraction of the
-    per-sample overhead -- the inline executor's hot path.
+    per-sample overhead -- the hot path of the inline executor (a whole batch) and of
+    worker threads (a share of a batch).
+
+    Args:
+        stop: interrupts retry backoffs (worker threads pass the pool's stop event).
+        batch_indices: the whole batch, named in errors (default ``indices``).
+
+    ``stats.current_index`` is the index being loaded while it loads (the stall
+    watchdog's view) and ``None`` on return. Timing: one wall (and, for samples that
+    are not tiny, one thread-CPU) reading around the loop, minus the time a failing
+    sample spends in the policy (whose retries time themselves; backoffs are not
+    sample time).
+
+    Raises:
+        SampleLoadError: a sample failed and the policy raises (see ``load_sample``).
     """
     local = _rng._local
     seed = policy.seed
-    ctx_type = _rng.SampleContext
+    # SampleContext(seed, epoch, key) built without the namedtuple's Python-level
+    # __new__ (the same object, at half the cost): this is most of the per-sample cost.
+    new, ctx_type = tuple.__new__, _rng.SampleContext
     key = _rng._index_key
+    where = batch_indices if batch_indices is not None else indices
     prev = getattr(local, "ctx", None)
     out: list[Any] = []
+    append = out.append
     cpu_timed = stats.samples < 8 or stats.fetch_wall_s > _CPU_TIMING_MIN_S * stats.samples
-    t0 = time.perf_counter()
-    c0 = time.thread_time() if cpu_timed else 0.0
-    ok = 0
+    perf, cpu_clock = time.perf_counter, time.thread_time
+    fallbacks = 0  # samples handed to load_sample (it counts and times those itself)
+    aside_wall = aside_cpu = 0.0
+    t0 = perf()
+    c0 = cpu_clock() if cpu_timed else 0.0
     try:
         for index in indices:
-            local.ctx = ctx_type(seed, epoch, key(index))
+            stats.current_index = index
+            local.ctx = new(ctx_type, (seed, epoch, index if type(index) is int else key(index)))
             try:
-                out.append(dataset[index])
-                ok += 1
+                append(dataset[index])
             except BaseException as exc:  # handed to the policy below, never swallowed
                 local.ctx = prev
-                out.append(load_sample(dataset, index, epoch=epoch, policy=policy, stats=stats,
-                                       batch_indices=indices, ordinal=ordinal,
+                f0 = perf()
+                fc0 = cpu_clock() if cpu_timed else 0.0
+                try:
+                    append(load_sample(dataset, index, epoch=epoch, policy=policy, stats=stats,
+                                       stop=stop, batch_indices=where, ordinal=ordinal,
                                        first_failure=exc))
+                    fallbacks += 1  # appended: load_sample counted it (loaded or skipped)
+                finally:
+                    aside_wall += perf() - f0
+                    if cpu_timed:
+                        aside_cpu += cpu_clock() - fc0
     finally:
         local.ctx = prev
-        wall = time.perf_counter() - t0
+        stats.current_index = None
+        wall = perf() - t0 - aside_wall
         stats.fetch_wall_s += wall
-        stats.fetch_cpu_s += (time.thread_time() - c0) if cpu_timed else wall
-        stats.samples += ok
+        stats.fetch_cpu_s += (cpu_clock() - c0 - aside_cpu) if cpu_timed else wall
+        stats.samples += len(out) - fallbacks
     return out

@@ -114,6 +114,8 @@ class PriorityWorkQueue(Generic[T]):
 
     def _sleep_locked(self, timeout: float) -> None:
         """Release ``_lock`` until woken or ``timeout``; returns holding it again."""
+        # This worker's sleeper lock: acquired here, listed in _sleepers; it waits to
+        # acquire it again, which succeeds once a waker (holding _lock) releases it.
         me = threading.Lock()
         me.acquire()
         self._sleepers.append(me)
