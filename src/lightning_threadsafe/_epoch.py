@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -304,11 +305,13 @@ class BaseIterator(Iterator[T]):
 
     # -- subclass interface ----------------------------------------------------------
 
-    def _next_item(self, entered: float) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _next_item(self, entered: float) -> Any:
+        """The next payload, :data:`EMPTY`, or ``StopIteration`` at the epoch's end."""
 
-    def _shutdown(self) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _shutdown(self) -> None:
+        """Stop what this executor started (idempotent)."""
 
     # -- position ------------------------------------------------------------------
 

@@ -79,20 +79,11 @@ def _make_pool(spec: EpochSpec, threads: int, in_order: bool, guarded: bool) -> 
         in_order=in_order, on_progress=services.watchdog.progress,
         worker_init_fn=spec.worker_init.for_threads(), worker_context=services.worker_context,
         on_worker_exit=services.on_worker_exit, name="worker", guarded=guarded,
+        on_needed=gov.wake_waiters if gov is not None else None,
     )
     pool_box.append(pool)
     services.attach_pool(pool)
     return pool
-
-
-def _set_needed(pool: ThreadPool, gov: MemoryGovernor | None, ordinal: int | None) -> None:
-    """Publish the ordinal the consumer needs next, then wake the workers waiting for room
-    (one of them may hold that batch: it passes the memory gate at once)."""
-    if pool.needed == ordinal:
-        return
-    pool.needed = ordinal  # one reference store: the publication idiom (CONTRIBUTING)
-    if gov is not None:
-        gov.wake_waiters()
 
 
 def _shut_pool(pool: ThreadPool, batches: dict[int, BatchState], gov: MemoryGovernor | None,
@@ -189,7 +180,7 @@ class ThreadIterator(BaseIterator[T]):
             batch = BatchState(ordinal, list(indices))
             self._batches[ordinal] = batch
             self._outstanding.append(ordinal)
-            _set_needed(pool, self._services.governor, self._outstanding[0])
+            pool.set_needed(self._outstanding[0])
             if batch.indices:
                 pool.submit(batch, list(range(len(batch.indices))))
                 continue
@@ -225,8 +216,7 @@ class ThreadIterator(BaseIterator[T]):
             for b in withdrawn:
                 self._outstanding.remove(b.ordinal)
                 del self._batches[b.ordinal]
-            _set_needed(pool, self._services.governor,
-                        self._outstanding[0] if self._outstanding else None)
+            pool.set_needed(self._outstanding[0] if self._outstanding else None)
             self._handover = itertools.chain(
                 [(b.ordinal, b.indices) for b in withdrawn], self._source)
             self._switch = "process"
@@ -310,8 +300,7 @@ class ThreadIterator(BaseIterator[T]):
         self._outstanding.remove(ordinal)
         del self._batches[ordinal]
         # Published before release() below wakes the workers waiting for room.
-        _set_needed(pool, self._services.governor,
-                    self._outstanding[0] if self._outstanding else None)
+        pool.set_needed(self._outstanding[0] if self._outstanding else None)
         gov = self._services.governor
         if gov is not None and batch.nbytes:
             gov.release(batch.nbytes)

@@ -348,6 +348,8 @@ class ThreadPool:
         Consumer thread. Workers waiting for memory room with a batch that just became
         the needed one are woken (through ``on_needed``) instead of sleeping a poll.
         """
+        if self.needed == ordinal:
+            return  # unchanged (most admissions): nobody to wake
         self.needed = ordinal  # one reference store: the publication idiom (see __init__)
         if self._on_needed is not None:
             self._on_needed()
