@@ -464,12 +464,6 @@ class ThreadedDataLoader(Generic[T]):
         if self._user_seed is None and self._plan.default_shuffle():
             shuffle_seed = int(torch.empty((), dtype=torch.int64).random_().item())
         return seed, shuffle_seed
-        drawn = _draw_seed(self.generator)
-        seed = self._user_seed if self._user_seed is not None else drawn
-        shuffle_seed = None
-        if self._user_seed is None and self._plan.default_shuffle():
-            shuffle_seed = int(torch.empty((), dtype=torch.int64).random_().item())
-        return seed, shuffle_seed
 
     def _spec(self, epoch: int, seed: int) -> EpochSpec:
         live = self._live.values
