@@ -8,6 +8,7 @@ reads. With ``threads=2`` and an even number of indices every barrier fills.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 
@@ -310,3 +311,36 @@ def test_validation_names_the_argument():
         check_thread_safety(ds, indices="abc")
     with pytest.raises(TypeError, match="indices contains"):
         check_thread_safety(ds, indices=[1.5])
+
+
+class _Recording:
+    """Records the indices it is asked for (``list.append`` under a lock: thread-safe)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.seen: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        with self._lock:
+            self.seen.add(i)
+        return i
+
+
+def test_default_indices_spread_over_the_whole_index_space() -> None:
+    ds = _Recording(900_000)
+    report = check_thread_safety(ds, threads=2, rounds=1, max_samples=8)
+    assert report.checked == 8
+    assert min(ds.seen) == 0 and max(ds.seen) == 899_999
+    assert len(ds.seen) == 8
+    spread = sorted(ds.seen)
+    assert min(b - a for a, b in itertools.pairwise(spread)) > 100_000
+
+
+def test_default_indices_cover_a_small_dataset_entirely() -> None:
+    ds = _Recording(5)
+    report = check_thread_safety(ds, threads=2, rounds=1, max_samples=64)
+    assert report.checked == 5 and ds.seen == {0, 1, 2, 3, 4}

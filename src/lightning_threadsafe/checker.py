@@ -272,6 +272,15 @@ def _check_positive(name: str, value: Any, minimum: int) -> None:
         raise ValueError(f"{name}={value!r} must be {kind}")
 
 
+def _spread(n: int, m: int) -> list[int]:
+    """``min(n, m)`` distinct indices of ``range(n)`` evenly spaced, ``0`` and ``n - 1`` included."""
+    if n <= m:
+        return list(range(n))
+    if m == 1:
+        return [0]
+    return sorted({(k * (n - 1)) // (m - 1) for k in range(m)})
+
+
 def check_thread_safety(
     dataset: Any,
     indices: Sequence[int] | None = None,
@@ -300,8 +309,10 @@ def check_thread_safety(
     Args:
         dataset: anything with ``__getitem__`` (and ``__len__`` when ``indices``
             is ``None``).
-        indices: the indices to check; ``None`` checks the first
-            ``min(len(dataset), max_samples)``. Duplicates are checked once.
+        indices: the indices to check; ``None`` checks ``min(len(dataset), max_samples)``
+            indices spread evenly over the whole index space, first and last included
+            (datasets whose indices are positions -- voxel centres, chunks -- differ from
+            one end to the other). Duplicates are checked once.
         threads: concurrent threads per round (>= 1).
         rounds: concurrent passes (>= 1).
         seed, epoch: the sample context of every load (ints >= 0).
@@ -330,7 +341,7 @@ def check_thread_safety(
             raise TypeError(
                 f"dataset={dataset!r} has no __len__; pass indices=[...] to choose what to check"
             ) from None
-        index_list = list(range(min(n, max_samples)))
+        index_list = _spread(n, max_samples)
     else:
         if isinstance(indices, (str, bytes, Mapping)) or not hasattr(indices, "__iter__"):
             raise TypeError(f"indices={indices!r} must be a sequence of ints or None")
